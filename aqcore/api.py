@@ -1,0 +1,137 @@
+"""compress / decompress: the public entry points, dispatching to kernel or reference."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from . import reference
+from .format import KIND_BITS, KIND_CODES, KIND_RAW, CompressedTensor
+from .levels import Level, parse_level
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DEFAULT_GROUP_SIZE = 256
+
+LevelSpec = "Level | str | int | float"
+
+
+def _backend(device: torch.device):
+    """The CUDA kernels for CUDA tensors when they can be built, else the reference."""
+    if device.type == "cuda":
+        from . import kernels
+
+        if kernels.available():
+            return kernels
+    return reference
+
+
+def _memory_order(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """x as a contiguous tensor in its memory order, and that order of dims.
+
+    Dense permuted layouts (channels_last, transposes) are read in place; anything else
+    (slices, expanded views) is copied. With several rows, dim 0 must be outermost.
+    """
+    identity = tuple(range(x.dim()))
+    if x.is_contiguous():
+        return x, identity
+    perm = tuple(sorted(identity, key=lambda d: -x.stride(d)))
+    permuted = x.permute(perm)
+    if permuted.is_contiguous() and (rows == 1 or perm[0] == 0 or x.shape[0] == 1):
+        return permuted, perm
+    return x.contiguous(), identity
+
+
+def _check_group_size(group_size: int) -> None:
+    if not isinstance(group_size, int) or group_size < 32 or group_size % 32:
+        raise ValueError(f"group_size must be a positive multiple of 32 (got {group_size!r})")
+
+
+def _parse_levels(level, x: torch.Tensor) -> tuple[Level, ...]:
+    if isinstance(level, (list, tuple)):
+        levels = tuple(parse_level(l) for l in level)
+        if x.dim() == 0 or len(levels) != x.shape[0]:
+            raise ValueError(
+                f"a per-row level list needs one level per row of dim 0: got {len(levels)} "
+                f"levels for shape {tuple(x.shape)}")
+        raw = [str(l) for l in levels if l.is_raw]
+        if raw:
+            raise ValueError(f"per-row levels must be quantized levels, not {raw[0]!r}; "
+                             "store a whole tensor at 16/32 bits instead")
+        return levels
+    return (parse_level(level),)
+
+
+def _raw(x: torch.Tensor, level: Level | None, seed: int, group_size: int) -> CompressedTensor:
+    held = x
+    if level is not None and level.bits == 16 and x.dtype == torch.float32:
+        held = x.to(torch.bfloat16)
+    levels = (level,) if level is not None else ()
+    return CompressedTensor(KIND_RAW, held, torch.empty(0), x.shape, x.dtype, levels, seed,
+                            group_size, tuple(range(x.dim())))
+
+
+def pack_mask(mask: torch.Tensor) -> CompressedTensor:
+    """Pack a 0/1 tensor (bool, or uint8 dropout masks) at one bit per value, losslessly
+    for 0/1 data (any nonzero byte reads back as 1)."""
+    if mask.dtype not in (torch.bool, torch.uint8):
+        raise TypeError(f"pack_mask takes bool or uint8 0/1 tensors, not {mask.dtype}")
+    packed = reference.pack_bits(mask.contiguous() != 0)
+    return CompressedTensor(KIND_BITS, packed, torch.empty(0), mask.shape, mask.dtype, (),
+                            0, DEFAULT_GROUP_SIZE, tuple(range(mask.dim())))
+
+
+def compress(x: torch.Tensor, level: "LevelSpec | Sequence[LevelSpec]", seed: int = 0,
+             group_size: int = DEFAULT_GROUP_SIZE) -> CompressedTensor:
+    """Compress x at a level ("aq0.25" ... "32"), or one level per row of dim 0.
+
+    Floating tensors (fp32/fp16/bf16) are quantized; bool tensors are packed at one bit;
+    other tensors (integer, complex, sparse) and empty ones are held as they are.
+    """
+    _check_group_size(group_size)
+    levels = _parse_levels(level, x)
+    seed = int(seed) & ((1 << 64) - 1)
+    if x.layout != torch.strided or x.dtype not in FLOAT_DTYPES:
+        if x.layout == torch.strided and x.dtype == torch.bool:
+            return pack_mask(x)
+        return _raw(x, None, seed, group_size)
+    if x.numel() == 0 or (len(levels) == 1 and levels[0].is_raw):
+        return _raw(x, levels[0] if len(levels) == 1 else None, seed, group_size)
+    ordered, perm = _memory_order(x, len(levels))
+    rows = ordered.view(len(levels), -1)
+    payload, meta = _backend(x.device).compress_rows(rows, levels, seed, group_size)
+    return CompressedTensor(KIND_CODES, payload, meta, x.shape, x.dtype, levels, seed,
+                            group_size, perm)
+
+
+def _permuted_empty(ct: CompressedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An output in the original layout, and its contiguous memory-order view."""
+    ordered_shape = [ct.shape[d] for d in ct.perm]
+    ordered = torch.empty(ordered_shape, dtype=ct.dtype, device=ct.device)
+    inverse = sorted(range(len(ct.perm)), key=lambda d: ct.perm[d])
+    return ordered.permute(inverse), ordered
+
+
+def decompress(ct: CompressedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rebuild the tensor: same shape, dtype, device (and layout) as the original.
+
+    out: an optional contiguous buffer of the original shape and dtype to write into.
+    """
+    if ct.kind == KIND_RAW:
+        result = ct.payload if ct.payload.dtype == ct.dtype else ct.payload.to(ct.dtype)
+        return out.copy_(result) if out is not None else result
+    if ct.kind == KIND_BITS:
+        values = reference.unpack_bits(ct.payload, ct.shape.numel()).view(ct.shape)
+        values = values.to(ct.dtype)
+        return out.copy_(values) if out is not None else values
+    if out is None:
+        result, ordered = _permuted_empty(ct)
+    else:
+        if out.shape != ct.shape or out.dtype != ct.dtype or not out.is_contiguous():
+            raise ValueError(f"out must be a contiguous {ct.dtype} tensor of shape "
+                             f"{tuple(ct.shape)}")
+        if ct.perm != tuple(range(len(ct.perm))):
+            return out.copy_(decompress(ct))
+        result = ordered = out
+    rows = ordered.view(ct.rows, -1)
+    _backend(ct.device).decompress_rows(ct.payload, ct.meta, ct.levels, ct.group_size, rows)
+    return result

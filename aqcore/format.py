@@ -1,0 +1,115 @@
+"""The one compressed format, shared by the reference implementation and the kernels.
+
+A tensor is viewed in its memory order as R rows of F values (R = 1: the whole tensor is
+one row; R = shape[0]: one row per sample, each with its own level). A row with a
+quantized level (b bits, k values per code) holds ceil(F / k) codes, cut into groups of
+`group_size` codes; the last group of a row is padded with zero codes. Groups never
+cross rows.
+
+payload (uint8): rows one after another, each starting on a 16-byte boundary; inside a
+row, groups one after another, group_size * b / 8 bytes each; code j of a group takes
+bits [j*b, j*b + b) of the group, least significant bit first.
+
+meta (bfloat16, shape (groups, 2)): per group (m0, m1).
+  m0 <  m1  plain group:      value(c) = m0 + c * ((m1 - m0) / B)
+  m0 >= m1  zero-keeping:     value(0) = 0, value(c) = m1 + (c - 1) * ((m0 - m1) / (B - 1))
+  NaN       non-finite group: every value is NaN
+with B = 2**b - 1, all arithmetic in float32, each operation rounded on its own.
+The zero-keeping form serves groups whose minimum is exactly 0 (ReLU and dropout outputs,
+b >= 2) and groups holding one constant. m0/m1 are the group's range rounded outward to
+bfloat16, so the grid always covers the group (ALGORITHMS.md A.7 is the bias we avoid).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Sequence
+
+import torch
+
+from .levels import Level
+
+ROW_ALIGN = 16
+KIND_CODES = "codes"  # quantized rows, payload + meta as described above
+KIND_RAW = "raw"      # the tensor (or its 16-bit copy) held as is
+KIND_BITS = "bits"    # a 0/1 tensor packed at one bit per value, LSB first
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Where each row's codes and metadata live (per-row Python ints; rows are few)."""
+
+    byte_offsets: tuple[int, ...]
+    group_offsets: tuple[int, ...]
+    total_bytes: int
+    total_groups: int
+
+
+def codes_per_row(level: Level, row_numel: int) -> int:
+    return math.ceil(row_numel / level.avg)
+
+
+def groups_per_row(level: Level, row_numel: int, group_size: int) -> int:
+    return math.ceil(codes_per_row(level, row_numel) / group_size)
+
+
+def row_bytes(level: Level, row_numel: int, group_size: int) -> int:
+    return groups_per_row(level, row_numel, group_size) * group_size * level.bits // 8
+
+
+def row_layout(levels: Sequence[Level], row_numel: int, group_size: int) -> RowLayout:
+    byte_offsets, group_offsets = [], []
+    nbytes = ngroups = 0
+    for level in levels:
+        byte_offsets.append(nbytes)
+        group_offsets.append(ngroups)
+        size = row_bytes(level, row_numel, group_size)
+        nbytes += -(-size // ROW_ALIGN) * ROW_ALIGN
+        ngroups += groups_per_row(level, row_numel, group_size)
+    return RowLayout(tuple(byte_offsets), tuple(group_offsets), nbytes, ngroups)
+
+
+@dataclass(frozen=True)
+class CompressedTensor:
+    """A compressed activation: everything needed to rebuild it, and nothing else.
+
+    perm is the memory order of the original dims (identity for contiguous tensors,
+    e.g. (0, 2, 3, 1) for channels_last), so the rebuilt tensor gets the same strides.
+    """
+
+    kind: str
+    payload: torch.Tensor
+    meta: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
+    levels: tuple[Level, ...]
+    seed: int
+    group_size: int
+    perm: tuple[int, ...]
+
+    @property
+    def rows(self) -> int:
+        return len(self.levels)
+
+    @property
+    def row_numel(self) -> int:
+        return math.prod(self.shape) // max(self.rows, 1)
+
+    @property
+    def device(self) -> torch.device:
+        return self.payload.device
+
+    @property
+    def nbytes(self) -> int:
+        """Every byte this object holds in tensors: payload plus per-group metadata."""
+        return sum(t.numel() * t.element_size() for t in (self.payload, self.meta))
+
+    def layout(self) -> RowLayout:
+        return row_layout(self.levels, self.row_numel, self.group_size)
+
+    def to(self, device: "torch.device | str", non_blocking: bool = False) -> "CompressedTensor":
+        return replace(
+            self,
+            payload=self.payload.to(device, non_blocking=non_blocking),
+            meta=self.meta.to(device, non_blocking=non_blocking),
+        )

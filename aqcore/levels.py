@@ -1,0 +1,93 @@
+"""Precision levels: how many bits each stored value costs and how it is made.
+
+A level is either a plain quantizer (b bits per value, b in 1, 2, 4, 8), an Average
+Quantization level (k consecutive values averaged, the average stored at 2 bits, so 2/k
+bits per value), or a raw copy (16 or 32 bits). DESIGN.md section 4.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+AQ_BITS = 2  # AQ stores its averages with the ordinary 2-bit quantizer (ALGORITHMS.md D.1)
+
+
+@dataclass(frozen=True)
+class Level:
+    """One precision level.
+
+    bits: bits per stored code (1, 2, 4, 8), or 16/32 for a raw copy.
+    avg: how many consecutive values one code stands for (1 for plain and raw levels).
+    """
+
+    name: str
+    bits: int
+    avg: int = 1
+
+    @property
+    def bits_per_value(self) -> float:
+        return self.bits / self.avg
+
+    @property
+    def is_raw(self) -> bool:
+        return self.bits >= 16
+
+    @property
+    def is_aq(self) -> bool:
+        return self.avg > 1
+
+    @property
+    def max_code(self) -> int:
+        return (1 << self.bits) - 1
+
+    def __str__(self) -> str:
+        return self.name
+
+
+LEVELS: dict[str, Level] = {
+    level.name: level
+    for level in (
+        Level("32", 32),
+        Level("16", 16),
+        Level("8", 8),
+        Level("4", 4),
+        Level("2", 2),
+        Level("1", 1),
+        Level("aq1", AQ_BITS, 2),
+        Level("aq0.5", AQ_BITS, 4),
+        Level("aq0.25", AQ_BITS, 8),
+    )
+}
+
+QUANTIZED_LEVELS: tuple[Level, ...] = tuple(l for l in LEVELS.values() if not l.is_raw)
+
+
+def _canonical_name(spec: str) -> str:
+    text = spec.strip().lower()
+    if text.startswith("aq"):
+        number = float(text[2:])
+        return f"aq{number:g}"
+    number = float(text)
+    if number != int(number):
+        raise ValueError
+    return str(int(number))
+
+
+def parse_level(spec: "Level | str | int | float") -> Level:
+    """Turn "aq0.5", "2", 8, Level(...) into a Level; ValueError listing the valid ones."""
+    if isinstance(spec, Level):
+        return spec
+    try:
+        name = _canonical_name(str(spec))
+    except ValueError:
+        name = None
+    if name not in LEVELS:
+        raise ValueError(f"unknown precision level {spec!r}; valid: {', '.join(LEVELS)}")
+    return LEVELS[name]
+
+
+def aq_level(aq_bit: float) -> Level:
+    """The AQ level of a given precision (1, 0.5 or 0.25 bits per value)."""
+    try:
+        return parse_level(f"aq{float(aq_bit):g}")
+    except ValueError:
+        raise ValueError(f"aq_bit must be one of 1, 0.5, 0.25 (got {aq_bit!r})") from None
