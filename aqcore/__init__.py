@@ -3,10 +3,11 @@
 Pure functions over tensors plus one format dataclass; no framework knowledge.
 """
 from .api import compress, decompress, pack_mask
+from .errors import ERROR_LEVELS, level_errors
 from .format import CompressedTensor
 from .levels import LEVELS, QUANTIZED_LEVELS, Level, aq_level, parse_level
 
 __all__ = [
-    "CompressedTensor", "LEVELS", "Level", "QUANTIZED_LEVELS", "aq_level", "compress",
-    "decompress", "pack_mask", "parse_level",
+    "CompressedTensor", "ERROR_LEVELS", "LEVELS", "Level", "QUANTIZED_LEVELS", "aq_level", "compress",
+    "decompress", "level_errors", "pack_mask", "parse_level",
 ]
