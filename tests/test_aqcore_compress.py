@@ -1,0 +1,336 @@
+import hashlib
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import aqcore
+from aqcore import reference
+from aqcore.format import KIND_BITS, KIND_CODES, KIND_RAW
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+QUANTIZED = [level.name for level in aqcore.QUANTIZED_LEVELS]
+PLAIN = ["8", "4", "2", "1"]
+AQ = ["aq1", "aq0.5", "aq0.25"]
+
+
+def group_step(ct):
+    """Per-element grid step of a one-row compressed tensor (plain levels)."""
+    level = ct.levels[0]
+    meta = ct.meta.float()
+    span = (meta[:, 0] - meta[:, 1]).abs()
+    levels = level.max_code - (meta[:, 0] >= meta[:, 1]).float()
+    step = torch.where(levels > 0, span / levels.clamp_min(1), 0.0)
+    index = torch.arange(ct.shape.numel()) // level.avg // ct.group_size
+    return step[index].view(ct.shape)
+
+
+def group_average(x, k):
+    flat = x.reshape(1, -1).float()
+    return reference.average_runs(flat, k).repeat_interleave(k, 1)[:, : flat.shape[1]].view(x.shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("level", list(aqcore.LEVELS))
+@pytest.mark.parametrize("shape", [(1,), (3, 5), (7, 33, 3), (2, 3, 300)])
+def test_round_trip_keeps_shape_dtype_and_error_bound(level, dtype, shape):
+    x = (torch.randn(shape) * 3 + 1).to(dtype)
+    ct = aqcore.compress(x, level, seed=3)
+    y = aqcore.decompress(ct)
+    assert y.shape == x.shape and y.dtype == x.dtype and y.device == x.device
+    if level == "32" or (level == "16" and dtype != torch.float32):
+        assert torch.equal(y, x)
+    elif level == "16":
+        assert torch.equal(y, x.to(torch.bfloat16).float())
+    elif level in PLAIN:
+        ulp = x.float().abs() * 2 ** -7 if dtype != torch.float32 else 0
+        assert ((y.float() - x.float()).abs() <= group_step(ct) * (1 + 1e-6) + ulp).all()
+    else:
+        target = group_average(x, ct.levels[0].avg)
+        ulp = target.abs() * 2 ** -7 if dtype != torch.float32 else 0
+        assert ((y.float() - target).abs() <= group_step(ct) * (1 + 1e-6) + ulp).all()
+
+
+@pytest.mark.parametrize("level", PLAIN)
+def test_plain_levels_are_unbiased(level):
+    torch.manual_seed(0)
+    x = torch.randn(4, 1000)
+    seeds = 400
+    mean = sum(aqcore.decompress(aqcore.compress(x, level, seed=s)) for s in range(seeds)) / seeds
+    step = group_step(aqcore.compress(x, level))
+    # the mean of n draws of a rounding with spread <= step has std <= step / (2 sqrt(n))
+    z = (mean - x).abs() / (step / (2 * math.sqrt(seeds)))
+    assert z.max() < 6
+    assert (mean - x).abs().mean() < 0.1 * step.mean()
+
+
+@pytest.mark.parametrize("level", AQ)
+def test_aq_equals_group_average_model_in_expectation(level):
+    torch.manual_seed(1)
+    x = torch.randn(3, 37, 11)
+    k = aqcore.parse_level(level).avg
+    seeds = 400
+    mean = sum(aqcore.decompress(aqcore.compress(x, level, seed=s)) for s in range(seeds)) / seeds
+    target = group_average(x, k)
+    step = group_step(aqcore.compress(x, level))
+    assert ((mean - target).abs() / (step / (2 * math.sqrt(seeds)))).max() < 6
+    # and the average model is not the identity: it really averages
+    assert (target - x).abs().mean() > 0.3
+
+
+def test_short_last_run_averages_what_it_has():
+    x = torch.tensor([1.0, 3.0, 5.0, 7.0, 10.0, 20.0])
+    means = reference.average_runs(x.view(1, -1), 4)
+    assert means.tolist() == [[4.0, 15.0]]
+
+
+@pytest.mark.parametrize("level", ["8", "4", "2", "aq1", "aq0.5"])
+def test_exact_zeros_stay_exact(level):
+    torch.manual_seed(2)
+    x = torch.relu(torch.randn(5, 700))
+    if aqcore.parse_level(level).avg > 1:
+        x = x.view(5, -1, 1).repeat(1, 1, aqcore.parse_level(level).avg).view(5, -1)
+    for seed in range(20):
+        y = aqcore.decompress(aqcore.compress(x, level, seed=seed))
+        assert torch.equal(y == 0, x == 0)
+        assert (y >= 0).all()
+
+
+def test_relu_mask_gradient_converges_with_zeros_kept():
+    """A ReLU+BN CNN whose ReLU backward reads its saved output: with exact zeros kept,
+    the mean of compressed gradients converges to the exact gradient."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+    x, y = torch.randn(8, 3, 8, 8), torch.randint(0, 4, (8,))
+
+    def grad(seed=None):
+        model.zero_grad()
+        counter = iter(range(10**6))
+        pack = (lambda t: t) if seed is None else (
+            lambda t: aqcore.compress(t, "2", seed=seed * 1000 + next(counter))
+            if t.is_floating_point() and t.dim() >= 2 else t)
+        unpack = (lambda t: t) if seed is None else (
+            lambda t: aqcore.decompress(t) if isinstance(t, aqcore.CompressedTensor) else t)
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+        return model[0].weight.grad.clone()
+
+    exact = grad()
+    total, errors = 0, {}
+    for n in range(1, 161):
+        total = total + grad(n)
+        if n in (10, 160):
+            errors[n] = ((total / n - exact).norm() / exact.norm()).item()
+    # unbiased: the error of the mean keeps falling like 1/sqrt(n) (1/4 from 10 to 160)
+    assert errors[160] < 0.4 * errors[10]
+    assert errors[160] < 0.15
+
+
+def test_nbytes_counts_payload_and_metadata():
+    x = torch.randn(64, 4096)
+    for name, level in aqcore.LEVELS.items():
+        ct = aqcore.compress(x, name)
+        if level.is_raw:
+            assert ct.nbytes == x.numel() * level.bits // 8
+            continue
+        codes = x.numel() / level.avg
+        expected = codes * level.bits / 8 + math.ceil(codes / 256) * 4
+        assert abs(ct.nbytes - expected) <= 0.02 * expected
+
+
+def test_bytes_per_value_at_group_size_256():
+    x = torch.randn(1 << 20)
+    per_value = {name: aqcore.compress(x, name).nbytes * 8 / x.numel() for name in QUANTIZED}
+    assert per_value == pytest.approx({"8": 8.125, "4": 4.125, "2": 2.125, "1": 1.125,
+                                       "aq1": 1.0625, "aq0.5": 0.53125, "aq0.25": 0.265625})
+
+
+def test_format_is_deterministic_per_seed():
+    x = torch.randn(3, 1000)
+    a, b, c = (aqcore.compress(x, "2", seed=s) for s in (5, 5, 6))
+    assert torch.equal(a.payload, b.payload) and torch.equal(a.meta, b.meta)
+    assert not torch.equal(a.payload, c.payload)
+
+
+def test_format_bytes_are_pinned():
+    # Changing these bytes breaks compatibility with the CUDA kernels and saved data.
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(2, 300, generator=g)
+    digest = hashlib.sha256()
+    for level in QUANTIZED:
+        ct = aqcore.compress(x, level, seed=11)
+        digest.update(ct.payload.numpy().tobytes())
+        digest.update(ct.meta.view(torch.int16).numpy().tobytes())
+    mixed = aqcore.compress(x, ["aq0.5", "4"], seed=11)
+    digest.update(mixed.payload.numpy().tobytes())
+    assert digest.hexdigest()[:16] == PINNED_DIGEST
+
+
+PINNED_DIGEST = "57a4d3ec6068840e"
+
+
+def test_metadata_is_the_range_rounded_outward():
+    x = torch.tensor([[1000.1, 1000.3, 999.9, 1000.0]])
+    ct = aqcore.compress(x, "8")
+    lo, hi = ct.meta.float()[0].tolist()
+    assert lo <= 999.9 and hi >= 1000.3
+    assert hi - lo <= 8  # one bf16 ulp each side at most
+    y = sum(aqcore.decompress(aqcore.compress(x, "8", seed=s)) for s in range(200)) / 200
+    assert (y - x).abs().max() < 0.05
+
+
+def test_bf16_round_outward_brackets():
+    x = torch.randn(10000) * torch.logspace(-30, 30, 10000)
+    down = reference.bf16_round_outward(x, up=False)
+    up = reference.bf16_round_outward(x, up=True)
+    assert (down <= x).all() and (up >= x).all()
+    assert torch.equal(down.bfloat16().float(), down) and torch.equal(up.bfloat16().float(), up)
+    ulps = up.bfloat16().view(torch.int16).int() - down.bfloat16().view(torch.int16).int()
+    assert ((up == down) | (ulps.abs() == 1)).all()
+
+
+@pytest.mark.parametrize("level", QUANTIZED)
+def test_non_finite_groups_decompress_non_finite(level):
+    x = torch.randn(2, 1024)
+    x[0, 5] = float("nan")
+    x[1, 700] = float("inf")
+    y = aqcore.decompress(aqcore.compress(x, level))
+    group = aqcore.parse_level(level).avg * 256
+    assert not torch.isfinite(y[0, (5 // group) * group]).item()
+    assert not torch.isfinite(y[1, (700 // group) * group]).item()
+    assert torch.isfinite(y[0, group * 2:]).all()
+
+
+def test_constant_groups_are_exact():
+    for value in (0.0, -3.0, 2.5):
+        x = torch.full((3, 500), value)
+        for level in QUANTIZED:
+            assert torch.equal(aqcore.decompress(aqcore.compress(x, level)), x)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: torch.randn(4, 6, 5, 7).to(memory_format=torch.channels_last),
+    lambda: torch.randn(6, 9).t(),
+    lambda: torch.randn(8, 10)[:, ::2],
+    lambda: torch.randn(3, 1, 5).expand(3, 4, 5),
+    lambda: torch.randn(4, 6, 5, 7, 3).to(memory_format=torch.channels_last_3d),
+])
+def test_layouts(make):
+    x = make()
+    y = aqcore.decompress(aqcore.compress(x, "8"))
+    assert y.shape == x.shape
+    assert (y - x).abs().max() < 0.05
+    if x.is_contiguous(memory_format=torch.channels_last) and x.dim() == 4:
+        assert y.stride() == x.stride()
+
+
+def test_channels_last_is_compressed_in_memory_order():
+    x = torch.randn(2, 8, 4, 4).to(memory_format=torch.channels_last)
+    ct = aqcore.compress(x, "4", seed=1)
+    same = aqcore.compress(x.permute(0, 2, 3, 1).contiguous(), "4", seed=1)
+    assert torch.equal(ct.payload, same.payload)
+
+
+def test_empty_and_tiny():
+    for x in (torch.randn(0), torch.randn(3, 0, 2), torch.tensor(2.5), torch.randn(1)):
+        for level in ("2", "aq0.5"):
+            y = aqcore.decompress(aqcore.compress(x, level))
+            assert y.shape == x.shape and y.dtype == x.dtype
+    assert aqcore.decompress(aqcore.compress(torch.tensor([2.5]), "1")).item() == 2.5
+
+
+@pytest.mark.parametrize("x", [
+    torch.randint(-5, 5, (3, 4)), torch.randint(0, 255, (10,), dtype=torch.uint8),
+    torch.randn(3, 2, dtype=torch.complex64), torch.randn(4, 4).to_sparse(),
+    torch.randn(5, dtype=torch.float64),
+])
+def test_other_tensors_are_held_losslessly(x):
+    ct = aqcore.compress(x, "2")
+    assert ct.kind == KIND_RAW
+    y = aqcore.decompress(ct)
+    assert y.dtype == x.dtype and torch.equal(y.to_dense() if y.is_sparse else y,
+                                              x.to_dense() if x.is_sparse else x)
+
+
+def test_masks_pack_at_one_bit():
+    mask = torch.rand(3, 1001) > 0.3
+    ct = aqcore.compress(mask, "8")
+    assert ct.kind == KIND_BITS and ct.nbytes == math.ceil(mask.numel() / 8)
+    assert torch.equal(aqcore.decompress(ct), mask)
+    byte_mask = mask.to(torch.uint8)
+    ct = aqcore.pack_mask(byte_mask)
+    assert torch.equal(aqcore.decompress(ct), byte_mask)
+    with pytest.raises(TypeError, match="bool or uint8"):
+        aqcore.pack_mask(torch.randn(3))
+
+
+def test_mixed_rows_follow_their_levels():
+    torch.manual_seed(3)
+    x = torch.randn(4, 3, 50)
+    levels = ["aq0.5", "8", "aq1", "2"]
+    ct = aqcore.compress(x, levels, seed=2)
+    assert ct.kind == KIND_CODES and ct.levels == tuple(map(aqcore.parse_level, levels))
+    seeds = 300
+    mean = sum(aqcore.decompress(aqcore.compress(x, levels, seed=s)) for s in range(seeds)) / seeds
+    for row, level in enumerate(levels):
+        k = aqcore.parse_level(level).avg
+        target = group_average(x[row], k) if k > 1 else x[row]
+        step = (target.max() - target.min()) / aqcore.parse_level(level).max_code
+        assert (mean[row] - target).abs().max() < 6 * step / (2 * seeds ** 0.5), level
+    alone = aqcore.compress(x[1:2], ["8"], seed=0)
+    assert alone.nbytes < ct.nbytes
+
+
+def test_mixed_rows_nbytes():
+    x = torch.randn(8, 4096)
+    levels = ["8", "aq0.25"] * 4
+    ct = aqcore.compress(x, levels)
+    expected = 4 * (4096 + 16 * 4) + 4 * (4096 * 0.25 / 8 + 2 * 4)
+    assert abs(ct.nbytes - expected) <= 0.02 * expected
+
+
+def test_bad_arguments_are_clear():
+    x = torch.randn(4, 10)
+    with pytest.raises(ValueError, match="unknown precision level"):
+        aqcore.compress(x, "3")
+    with pytest.raises(ValueError, match="one level per row"):
+        aqcore.compress(x, ["2", "4"])
+    with pytest.raises(ValueError, match="quantized levels"):
+        aqcore.compress(x, ["2", "32", "2", "2"])
+    with pytest.raises(ValueError, match="multiple of 32"):
+        aqcore.compress(x, "2", group_size=100)
+
+
+def test_decompress_into_out():
+    x = torch.randn(5, 300)
+    ct = aqcore.compress(x, "4", seed=1)
+    out = torch.empty_like(x)
+    assert aqcore.decompress(ct, out=out) is out
+    assert torch.equal(out, aqcore.decompress(ct))
+    with pytest.raises(ValueError, match="out must be"):
+        aqcore.decompress(ct, out=torch.empty(3))
+
+
+def test_to_device_round_trip():
+    x = torch.randn(3, 100)
+    ct = aqcore.compress(x, "aq0.5")
+    moved = ct.to("cpu")
+    assert torch.equal(aqcore.decompress(moved), aqcore.decompress(ct))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+       level=st.sampled_from(QUANTIZED), dtype=st.sampled_from(DTYPES),
+       group_size=st.sampled_from([32, 64, 256]), seed=st.integers(0, 2**64 - 1))
+def test_any_shape_round_trips(shape, level, dtype, group_size, seed):
+    x = torch.randn(shape).to(dtype)
+    ct = aqcore.compress(x, level, seed=seed, group_size=group_size)
+    y = aqcore.decompress(ct)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert torch.isfinite(y).all()
+    assert y.float().min() >= x.float().min() - 0.05 * (1 + x.float().abs().max())
+    assert y.float().max() <= x.float().max() + 0.05 * (1 + x.float().abs().max())

@@ -1,0 +1,36 @@
+import torch
+
+from aqcore import noise
+
+
+def test_mix32_matches_python_int_version():
+    values = torch.randint(0, 2**32, (1000,), dtype=torch.int64)
+    expected = [noise.mix32_int(v) for v in values.tolist()]
+    assert noise.mix32(values).tolist() == expected
+
+
+def test_noise_is_pinned():
+    # The noise stream is part of the compressed format: kernels must reproduce it.
+    u = noise.uniform(7, torch.arange(4), 4)
+    assert [round(v * 2**24) for v in u.tolist()] == [12930270, 12262588, 5601254, 16284054]
+    assert noise.stream_key(0) == 2488251732
+
+
+def test_noise_uniform_and_seed_dependent():
+    index = torch.arange(200_000)
+    u = noise.uniform(1, index, index.numel())
+    assert 0 <= u.min() and u.max() < 1
+    assert abs(u.mean().item() - 0.5) < 0.005
+    counts = torch.histc(u, bins=10, min=0, max=1)
+    assert (counts - 20_000).abs().max() < 800
+    v = noise.uniform(2, index, index.numel())
+    assert abs(torch.corrcoef(torch.stack([u, v]))[0, 1].item()) < 0.01
+    lag = torch.corrcoef(torch.stack([u[1:], u[:-1]]))[0, 1].item()
+    assert abs(lag) < 0.01
+
+
+def test_wide_indices_use_their_own_key():
+    index = torch.tensor([5, 5 + 2**32])
+    u = noise.uniform(3, index, 2**33)
+    assert u[0] != u[1]
+    assert u[0] == noise.uniform(3, index[:1], 6)[0]
