@@ -1,0 +1,139 @@
+"""Convolution (1/2/3-d, transposed, grouped, dilated, any padding mode) and linear.
+
+Forward is the exact torch op; only the input is kept, compressed, and only when the
+weight needs a gradient (the input gradient needs the weight alone). Backward is
+aten.convolution_backward / matmuls on the decompressed input (ALGORITHMS.md B.5),
+in the dtype the forward computed in (autocast's), gradients cast back like autocast's.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from ..saved import Packed, Plan
+from ..scheme import Observation
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    """One convolution call, with padding made explicit: the input is F.pad-ed by pre_pad
+    (None: not at all) in pad_mode, then convolved with integer padding."""
+
+    dims: int
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    transposed: bool = False
+    output_padding: tuple[int, ...] = ()
+    pre_pad: tuple[int, ...] | None = None
+    pad_mode: str = "constant"
+
+    def forward(self, x, weight, bias):
+        if self.pre_pad is not None:
+            x = F.pad(x, self.pre_pad, mode=self.pad_mode)
+        if self.transposed:
+            return _CONV_T[self.dims](x, weight, bias, self.stride, self.padding, self.output_padding,
+                                      self.groups, self.dilation)
+        return _CONV[self.dims](x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def padded_shape(self, shape: torch.Size) -> list[int]:
+        sizes = list(shape)
+        for i in range(len(self.pre_pad or ()) // 2):
+            sizes[-1 - i] += self.pre_pad[2 * i] + self.pre_pad[2 * i + 1]
+        return sizes
+
+    def unpad_grad(self, grad: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """The gradient through F.pad: a crop for zeros, autograd of the pad for the other
+        modes (it is linear, so it is taken at zeros)."""
+        if self.pad_mode == "constant":
+            return F.pad(grad, [-p for p in self.pre_pad])
+        with torch.enable_grad():
+            leaf = torch.zeros(shape, dtype=grad.dtype, device=grad.device, requires_grad=True)
+            return torch.autograd.grad(F.pad(leaf, self.pre_pad, mode=self.pad_mode), leaf, grad)[0]
+
+
+def _keep(ctx, x: torch.Tensor, plan: Plan | None, *tensors) -> None:
+    """Save x as the plan says (or not at all when plan is None) plus exact tensors."""
+    ctx.held = Packed(x, plan) if plan is not None else None
+    ctx.input_shape = x.shape
+    ctx.input_dtype = x.dtype
+    ctx.save_for_backward(ctx.held.keep(x) if ctx.held is not None else None, *tensors)
+
+
+class ConvFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, spec: ConvSpec, plan: Plan | None, obs: Observation | None):
+        y = spec.forward(x, weight, bias)
+        _keep(ctx, x, plan, weight)
+        ctx.spec, ctx.obs = spec, obs
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        kept, weight = ctx.saved_tensors
+        spec = ctx.spec
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if ctx.obs is not None:
+            ctx.obs.backward(grad_out)
+        dtype = grad_out.dtype
+        with torch.autocast(grad_out.device.type, enabled=False):
+            if ctx.held is not None:
+                x = ctx.held.unpack(kept).to(dtype)
+                if spec.pre_pad is not None:
+                    x = F.pad(x, spec.pre_pad, mode=spec.pad_mode)
+            else:  # no weight gradient: convolution_backward reads only the input's sizes
+                x = grad_out.new_empty(1).expand(spec.padded_shape(ctx.input_shape))
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                grad_out, x, weight.to(dtype), ctx.bias_sizes, spec.stride, spec.padding, spec.dilation,
+                spec.transposed, spec.output_padding or [0] * spec.dims, spec.groups, [need_x, need_w, need_b])
+            if gx is not None and spec.pre_pad is not None:
+                gx = spec.unpad_grad(gx, ctx.input_shape)
+        return (_cast(gx, ctx.input_dtype), _cast(gw, ctx.param_dtypes[0]), _cast(gb, ctx.param_dtypes[1]),
+                None, None, None)
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+class LinearFunction(torch.autograd.Function):
+    """y = x W^T + b for inputs of any rank (the original handled 2-D only, ALGORITHMS.md F)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, plan: Plan | None, obs: Observation | None):
+        y = F.linear(x, weight, bias)
+        _keep(ctx, x, plan, weight)
+        ctx.obs = obs
+        ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        kept, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if ctx.obs is not None:
+            ctx.obs.backward(grad_out)
+        dtype = grad_out.dtype
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        gx = gw = gb = None
+        with torch.autocast(grad_out.device.type, enabled=False):
+            if need_x:
+                gx = g.mm(weight.to(dtype)).view(ctx.input_shape)
+            if need_w:
+                x = ctx.held.unpack(kept).to(dtype)
+                gw = g.t().mm(x.reshape(-1, x.shape[-1]))
+            if need_b:
+                gb = g.sum(0)
+        return (_cast(gx, ctx.input_dtype), _cast(gw, ctx.param_dtypes[0]), _cast(gb, ctx.param_dtypes[1]),
+                None, None)

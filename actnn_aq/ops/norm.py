@@ -1,0 +1,145 @@
+"""BatchNorm, SyncBatchNorm and LayerNorm: input compressed, statistics kept exact.
+
+Forward runs the op torch.nn runs (so outputs and running-stat updates are identical);
+backward is the aten backward of that op on the decompressed input with the exact saved
+mean / inverse std (ALGORITHMS.md B.4, B.5). SyncBatchNorm's synchronised path is plain
+tensor math plus collectives, so it runs on CPU (gloo) as well as CUDA.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from ..saved import Packed, Plan
+from ..scheme import Observation
+from ..sensitivity import batch_norm_noise, layer_norm_noise, norm_coef
+
+
+def _keep(ctx, x: torch.Tensor, plan: Plan, *tensors) -> None:
+    ctx.held = Packed(x, plan)
+    ctx.save_for_backward(ctx.held.keep(x), *tensors)
+
+
+def _sample_numel(x: torch.Tensor) -> int:
+    return x[0].numel() if x.dim() > 1 else x.numel()
+
+
+class BatchNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float,
+                plan: Plan, obs: Observation | None):
+        y, mean, invstd, _, _ = torch.ops.aten._batch_norm_impl_index(
+            x, weight, bias, running_mean, running_var, True, momentum, eps, torch.backends.cudnn.enabled)
+        _keep(ctx, x, plan, weight, mean, invstd)
+        ctx.eps, ctx.obs = eps, obs
+        if obs is not None:
+            obs.coef = norm_coef(_sample_numel(x), invstd)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        kept, weight, mean, invstd = ctx.saved_tensors
+        x = ctx.held.unpack(kept)
+        if ctx.obs is not None:
+            ctx.obs.backward(grad_out, batch_norm_noise(grad_out, x, mean, invstd, weight))
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
+        return gx, gw, gb, None, None, None, None, None, None
+
+
+def _channel_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """Batch statistics over all ranks of `group`. Local mean and M2 per channel are
+    all-gathered and merged (Chan et al.'s parallel variance), as exact as one big batch;
+    backward all-reduces (sum dy, sum dy*(x - mean)) like torch's SyncBatchNorm."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float, group,
+                plan: Plan, obs: Observation | None):
+        dims = [0, *range(2, x.dim())]
+        xf = x.float()
+        count = x.numel() // x.shape[1]
+        local_mean = xf.mean(dims) if count else xf.new_zeros(x.shape[1])
+        local_m2 = (xf - _channel_view(local_mean, x)).square().sum(dims)
+        local = torch.cat([local_mean, local_m2, xf.new_tensor([count])])
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, local, group=group)
+        means, m2s, counts = torch.stack(gathered).split([x.shape[1], x.shape[1], 1], dim=1)
+        total = counts.sum()
+        mean = (counts * means).sum(0) / total
+        m2 = (m2s + counts * (means - mean).square()).sum(0)
+        invstd = torch.rsqrt(m2 / total + eps)
+        if running_mean is not None:
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            unbiased = m2 / (total - 1).clamp_min(1)
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        y = (xf - _channel_view(mean, x)) * _channel_view(invstd, x)
+        if weight is not None:
+            y = y * _channel_view(weight.float(), x)
+        if bias is not None:
+            y = y + _channel_view(bias.float(), x)
+        _keep(ctx, x, plan, weight, mean, invstd)
+        ctx.total, ctx.group, ctx.obs = total.item(), group, obs
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        if obs is not None:
+            obs.coef = norm_coef(_sample_numel(x), invstd)
+        return y.to(x.dtype)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        kept, weight, mean, invstd = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        x = ctx.held.unpack(kept)
+        dims = [0, *range(2, x.dim())]
+        g = grad_out.float()
+        xmu = x.float() - _channel_view(mean, x)
+        sum_dy = g.sum(dims)
+        sum_dy_xmu = (g * xmu).sum(dims)
+        gw = (sum_dy_xmu * invstd).to(weight.dtype) if need_w else None
+        gb = sum_dy.to(ctx.bias_dtype) if need_b else None
+        gx = None
+        if need_x:
+            both = torch.cat([sum_dy, sum_dy_xmu])
+            dist.all_reduce(both, group=ctx.group)
+            sum_dy, sum_dy_xmu = both.chunk(2)
+            scale = invstd if weight is None else invstd * weight.float()
+            gx = (g - _channel_view(sum_dy / ctx.total, x)
+                  - xmu * _channel_view(invstd.square() * sum_dy_xmu / ctx.total, x))
+            gx = (gx * _channel_view(scale, x)).to(x.dtype)
+        if ctx.obs is not None:
+            ctx.obs.backward(grad_out, batch_norm_noise(grad_out, x, mean, invstd, weight, sum_dy_xmu, ctx.total))
+        return gx, gw, gb, None, None, None, None, None, None, None
+
+
+class LayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, bias, eps: float, plan: Plan, obs: Observation | None):
+        y, mean, rstd = torch.ops.aten.native_layer_norm(x, normalized_shape, weight, bias, eps)
+        _keep(ctx, x, plan, weight, bias, mean, rstd)
+        ctx.normalized_shape, ctx.obs = normalized_shape, obs
+        ctx.input_dtype = x.dtype
+        if obs is not None:
+            obs.coef = norm_coef(_sample_numel(x), rstd)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        kept, weight, bias, mean, rstd = ctx.saved_tensors
+        x = ctx.held.unpack(kept).to(grad_out.dtype)
+        if ctx.obs is not None:
+            noise = layer_norm_noise(grad_out, x, mean, rstd, weight, len(ctx.normalized_shape))
+            ctx.obs.backward(grad_out, noise)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
+        with torch.autocast(grad_out.device.type, enabled=False):
+            gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+                grad_out, x, ctx.normalized_shape, mean, rstd, weight, bias, mask)
+        if gx is not None:
+            gx = gx.to(ctx.input_dtype)
+        return gx, None, gw, gb, None, None, None

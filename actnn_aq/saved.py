@@ -1,0 +1,78 @@
+"""How a Q-layer keeps a tensor for backward: exact, compressed through aqcore, or in CPU memory.
+
+Exact tensors go through ctx.save_for_backward (autograd's version check stays on); the
+others are copies held on the ctx. All bit-packing and quantization is aqcore's.
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import torch
+
+import aqcore
+from aqcore import CompressedTensor, Level
+
+LevelChoice = Union[Level, Sequence[Level], None]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one call of a layer stores its input.
+
+    level: one level, one level per sample (row of dim 0), or None to keep the tensor exact.
+    swap: hold what is stored in (pinned) CPU memory until backward.
+    """
+
+    level: LevelChoice = None
+    seed: int = 0
+    group_size: int = 256
+    swap: bool = False
+
+
+EXACT = Plan()
+
+
+def seed_for(*keys: int) -> int:
+    """A 63-bit rounding seed from integer keys (iteration, layer, rank): a hash, so nearby
+    keys give unrelated noise (the published GACT reused seeds across tensors, ALGORITHMS.md A.6)."""
+    digest = hashlib.blake2b(struct.pack(f"<{len(keys)}q", *keys), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """Copy to CPU; from CUDA the non-blocking copy lands in pinned memory."""
+    return t.to("cpu", non_blocking=True)
+
+
+class Packed:
+    """What one call keeps of a tensor, and how to get the tensor back."""
+
+    def __init__(self, x: torch.Tensor, plan: Plan):
+        self.device = x.device
+        self.data: CompressedTensor | torch.Tensor | None = None
+        if plan.level is not None:
+            ct = aqcore.compress(x, plan.level, seed=plan.seed, group_size=plan.group_size)
+            self.data = ct.to("cpu", non_blocking=True) if plan.swap and x.device.type != "cpu" else ct
+        elif plan.swap and x.device.type != "cpu":
+            self.data = _to_host(x)
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The tensor to pass to ctx.save_for_backward: x itself when nothing was copied."""
+        return x if self.data is None else None
+
+    def unpack(self, kept: torch.Tensor | None) -> torch.Tensor:
+        """The stored tensor (decompressed, back on its device); kept: what keep() returned."""
+        if self.data is None:
+            return kept
+        data = self.data.to(self.device, non_blocking=True)
+        return aqcore.decompress(data) if isinstance(data, CompressedTensor) else data
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the copy (0 when the tensor itself is kept)."""
+        if isinstance(self.data, CompressedTensor):
+            return self.data.nbytes
+        return 0 if self.data is None else self.data.numel() * self.data.element_size()
