@@ -1,0 +1,104 @@
+"""AutoPrecision: one level per saved tensor, least predicted gradient variance for the
+budget (ALGORITHMS.md C.6, with the AQ ladder and error model of DESIGN.md sections 4-5).
+
+The predicted variance a tensor adds at level l is C * e(l): C its sensitivity (gradient
+variance per unit of squared activation error) and e(l) the expected squared error of
+storing it at l, measured on the data by aqcore.level_errors (0 at 32 bits, stored as is).
+aqcore's solver minimises the sum of the predicted variances under
+sum_i numel_i bits(l_i) <= bit * sum_i numel_i (sensitivity.py says how each estimator
+predicts them).
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import struct
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+import aqcore
+from aqcore import Level
+from aqcore.solver import allocate_bits
+
+from .packing import Plan, Tracer, Unit
+
+
+def rounding_seed(*parts: int) -> int:
+    """A 63-bit seed from (controller salt, iteration, pass, tensor id, rank): hashed, so
+    seeds of neighbouring tensors and iterations are unrelated (GACT used seed_iter + tid,
+    so tensor t at iteration i reused the noise of tensor t + 1 at iteration i - 1)."""
+    digest = hashlib.blake2b(struct.pack(f"<{len(parts)}q", *parts), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def tensor_errors(x: torch.Tensor, levels: Sequence[Level], group_size: int) -> np.ndarray:
+    """Expected squared error of storing x at each level (0 for levels kept as is)."""
+    rows = x.detach().reshape(1, -1)
+    measured = aqcore.level_errors(rows, group_size)[0].double().cpu().numpy()
+    column = {level: i for i, level in enumerate(aqcore.ERROR_LEVELS)}
+    return np.array([0.0 if level.is_raw else measured[column[level]] for level in levels])
+
+
+def same_but_batch(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    return len(a) == len(b) and a[1:] == b[1:]
+
+
+def allocate(sizes: Sequence[int], variance: np.ndarray, levels: Sequence[Level],
+             bit: float) -> list[Level]:
+    """The solver's levels for tensors of these sizes at an average of `bit` bits per
+    value, minimising the predicted added gradient variance sum_i variance[i, l_i]."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    level_bits = np.array([level.bits_per_value for level in levels])
+    choice = allocate_bits(sizes, np.ones(len(sizes)), variance, level_bits,
+                           bit * sizes.sum(), method="exact")
+    return [levels[i] for i in choice]
+
+
+class Measurement(Tracer):
+    """Sizes and per-level errors of the float tensors of a pass, by tensor id."""
+
+    def __init__(self, ladder: Sequence[Level], group_size: int) -> None:
+        self.ladder = tuple(ladder)
+        self.group_size = group_size
+        self.shapes: list[tuple[int, ...]] = []
+        self.errors = np.zeros((0, len(self.ladder)))
+        self._errors: dict[int, np.ndarray] = {}
+
+    def on_pack(self, x: torch.Tensor, unit: Optional[Unit], new: bool) -> None:
+        if new and unit.tid is not None:
+            self._errors[unit.tid] = tensor_errors(x, self.ladder, self.group_size)
+
+    def finish(self, seen) -> None:
+        self.shapes = [tuple(info.shape) for info in seen]
+        if seen:
+            self.errors = np.stack([self._errors[info.tid] for info in seen])
+
+    @property
+    def numels(self) -> list[int]:
+        return [math.prod(shape) for shape in self.shapes]
+
+    def error_at(self, level: Level) -> np.ndarray:
+        return self.errors[:, self.ladder.index(level)]
+
+
+class LevelPlan(Plan):
+    """Levels by tensor id from the last allocation. A tensor counts as the one allocated
+    under its id if its shape matches but for dim 0 (batch sizes may differ from the
+    backprop() closure's); anything else (a new id, a changed graph) gets the fallback."""
+
+    def __init__(self, levels: Sequence[Level], shapes: Sequence[tuple[int, ...]],
+                 fallback: Level, seeds) -> None:
+        self.levels = list(levels)
+        self.shapes = [tuple(s) for s in shapes]
+        self.fallback = fallback
+        self.seeds = seeds
+
+    def level(self, tid: int, x: torch.Tensor) -> Level:
+        if tid < len(self.levels) and same_but_batch(self.shapes[tid], tuple(x.shape)):
+            return self.levels[tid]
+        return self.fallback
+
+    def seed(self, tid: int) -> int:
+        return self.seeds(tid)

@@ -1,0 +1,359 @@
+"""gact_aq: configuration, hooks, what is compressed, memory bookkeeping (CPU)."""
+import gc
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import aqcore
+import gact_aq
+from gact_aq import settings
+from gact_aq.controller import Controller
+from gact_aq.packing import Unit
+from test_gact_models import backprop_fn, cnn_problem, encoder_problem, grads
+
+GACT_LEVELS = ["L0", "L1", "L1.1", "L1.2", "L2", "L2.1", "L2.2", "L3", "swap", "L4bit-swap"]
+AQ_RELEASE_LEVELS = ["L2.2_", "L2.2_GN", "L2.2_GN_AQ0.5", "L2.2_GN_AQ0.5_1.5b", "L2.2_GN_AQ0.5_1.0b"]
+
+
+@pytest.fixture(autouse=True)
+def default_config():
+    gact_aq.set_optimization_level("L2")
+    yield
+    gact_aq.set_optimization_level("L2")
+
+
+def live(kind):
+    return [o for o in gc.get_objects() if type(o) is kind]
+
+
+def held_bytes():
+    """Bytes of every compressed tensor alive in the process, each storage counted once."""
+    storages = {}
+    for ct in live(aqcore.CompressedTensor):
+        for t in (ct.payload, ct.meta):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+# ---------------------------------------------------------------------- levels and config
+
+@pytest.mark.parametrize("level", GACT_LEVELS + AQ_RELEASE_LEVELS)
+def test_every_published_level_sets_a_valid_config(level):
+    cfg = gact_aq.set_optimization_level(level)
+    assert cfg is gact_aq.config
+    assert cfg == settings.build_config(level)
+
+
+def test_levels_set_what_their_names_say():
+    expected = {"L0": dict(compress=False), "L1": dict(bit=4, auto_prec=False),
+                "L1.1": dict(bit=8, auto_prec=False), "L1.2": dict(bit=2, auto_prec=False),
+                "L2.1": dict(bit=3, auto_prec=True), "L3": dict(bit=4, swap=True),
+                "swap": dict(compress=False, swap=True),
+                "L2.2_GN_AQ0.5_1.5b": dict(bit=1.5, aq_bit=0.5, auto_prec=True),
+                "L2.2_GN_AQ0.5_1.0b": dict(bit=1.0, aq_bit=0.5, auto_prec=True)}
+    for level, fields in expected.items():
+        cfg = settings.build_config(level)
+        assert {k: getattr(cfg, k) for k in fields} == fields, level
+
+
+def test_every_call_starts_from_the_defaults():
+    gact_aq.set_optimization_level("L2.2", bit=1.5, aq_bit=0.5)
+    gact_aq.set_adapt_interval(7)
+    gact_aq.config.sensitivity = "probe"
+    cfg = gact_aq.set_optimization_level("L1")
+    assert (cfg.bit, cfg.aq_bit, cfg.auto_prec, cfg.adapt_interval, cfg.sensitivity) == \
+        (4, 0, False, settings.QuantizationConfig.adapt_interval, "propagate")
+
+
+def test_bit_and_aq_bit_arguments_override_every_level():
+    cfg = gact_aq.set_optimization_level("L2.2_GN_AQ0.5_1.0b", bit=1.25, aq_bit=0.25)
+    assert (cfg.bit, cfg.aq_bit) == (1.25, 0.25)
+    assert settings.ladder(cfg)[-1] == aqcore.aq_level(0.25)
+    cfg = gact_aq.set_optimization_level("L1.2", bit=0.5, aq_bit=0.5)
+    assert settings.fixed_level(cfg) == aqcore.aq_level(0.5)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: gact_aq.set_optimization_level("L9"), "L2.2_GN_AQ0.5_1.0b"),
+    (lambda: gact_aq.set_optimization_level("L2", aq_bit=0.3), "aq_bit"),
+    (lambda: gact_aq.set_optimization_level("L2", bit=0.5), "aq_bit"),
+    (lambda: gact_aq.set_optimization_level("L2", bit=-1), "bit"),
+    (lambda: gact_aq.set_optimization_level("L1", bit=3), "fixed level"),
+    (lambda: gact_aq.set_adapt_interval(0), "adapt interval"),
+])
+def test_bad_settings_raise_clear_errors(call, message):
+    before = settings.QuantizationConfig(**vars(gact_aq.config))
+    with pytest.raises(ValueError, match=message):
+        call()
+    assert gact_aq.config == before
+
+
+def test_a_controller_keeps_the_config_it_was_built_with():
+    model, x, y = cnn_problem()
+    gact_aq.set_optimization_level("L1.2")
+    ctl = Controller(model)
+    gact_aq.set_optimization_level("L1.1")
+    with ctl:
+        loss = nn.functional.cross_entropy(model(x), y)
+        assert {r.level for r in ctl.report().rows} == {"2"}
+        loss.backward()
+
+
+# ---------------------------------------------------------------------- hooks
+
+def test_L0_is_identical_to_exact_training():
+    for model, x, y in (cnn_problem(), encoder_problem()):
+        backprop = backprop_fn(model, x, y)
+        torch.manual_seed(1)
+        backprop()
+        exact = grads(model)
+        gact_aq.set_optimization_level("L0")
+        with Controller(model) as ctl:
+            torch.manual_seed(1)
+            backprop()
+            ctl.iterate(backprop)
+            assert not ctl.report().rows
+        assert all(torch.equal(a, b) for a, b in zip(exact, grads(model)))
+
+
+def test_hooks_are_removed_when_the_body_raises():
+    model, x, y = cnn_problem()
+    gact_aq.set_optimization_level("L1.2")
+    ctl = Controller(model)
+    with pytest.raises(RuntimeError, match="boom"):
+        with ctl:
+            model(x)
+            raise RuntimeError("boom")
+    assert not ctl.installed
+    out = model(x)
+    assert not ctl.report().rows and not live(Unit)
+    out.sum().backward()
+    ctl.install_hook()
+    with pytest.raises(RuntimeError, match="already installed"):
+        ctl.install_hook()
+    ctl.uninstall_hook()
+    ctl.uninstall_hook()  # a second uninstall is a no-op, never pops someone else's hooks
+
+
+def test_retain_graph_and_a_second_unpack_reuse_the_compressed_tensors():
+    model, x, y = cnn_problem()
+    gact_aq.set_optimization_level("L1.2")
+    with Controller(model):
+        model.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward(retain_graph=True)
+        first = grads(model)
+        loss.backward()
+    assert all(torch.allclose(2 * a, b, rtol=1e-5, atol=1e-7) for a, b in zip(first, grads(model)))
+    assert not live(Unit)
+
+
+def test_a_tensor_saved_by_several_ops_is_compressed_once_and_freed_after_backward():
+    lin = nn.Linear(64, 64)
+    x = torch.randn(32, 64)
+    gact_aq.set_optimization_level("L1.2")
+    with Controller(lin) as ctl:
+        h = lin(x)                              # h is saved by sin, by cos, and (as a view) by mm
+        out = h.sin() + h.cos() + (h.view(32, 8, 8) @ torch.ones(8, 8, requires_grad=True)).reshape(32, 64)
+        rows = ctl.report().rows
+        assert [r.shape for r in rows] == [(32, 64)]
+        out.sum().backward()
+    assert not live(Unit) and not live(aqcore.CompressedTensor)
+
+
+def test_what_is_kept_as_is():
+    """Parameters, views of them, leaves, integer, tiny and 1-D tensors are not compressed;
+    SDPA's logsumexp (no grad) stays exact."""
+    emb, lin = nn.Embedding(100, 64), nn.Linear(64, 64)
+    tokens = torch.randint(0, 100, (4, 64))
+    leaf = torch.randn(4, 64, 64, requires_grad=True)
+    gact_aq.set_optimization_level("L1.2")
+    with Controller(nn.ModuleList([emb, lin])) as ctl:
+        h = lin(emb(tokens))                                   # weights, indices
+        q = h.view(4, 1, 64, 64)
+        out = nn.functional.scaled_dot_product_attention(q, q, q)  # logsumexp (4, 1, 64)
+        small = (torch.randn(8, 8, requires_grad=True) * 2).exp()  # tiny
+        flat = (torch.randn(4096, requires_grad=True) * 2).exp()   # 1-D
+        total = out.sum() + (leaf * leaf).sum() + small.sum() + flat.sum()
+        shapes = sorted(r.shape for r in ctl.report().rows)
+        total.backward()
+    assert shapes == [(4, 1, 64, 64), (4, 1, 64, 64), (256, 64)]  # SDPA q=k=v, SDPA out, linear in
+    assert leaf.grad is not None
+
+
+def test_dropout_masks_are_packed_losslessly_at_one_bit():
+    x = torch.randn(64, 256, requires_grad=True)
+    gact_aq.set_optimization_level("L1", bit=32)  # floats kept as is: only masks change
+    for dropout in (lambda t: nn.functional.dropout(t, 0.3),           # float mask (CPU)
+                    lambda t: torch.native_dropout(t, 0.3, True)[0]):  # bool mask (as on CUDA)
+        h = x * 2
+        torch.manual_seed(0)
+        dropout(h).square().sum().backward()
+        exact, x.grad = x.grad, None
+        with Controller(nn.Linear(1, 1)) as ctl:
+            h = x * 2
+            torch.manual_seed(0)
+            out = dropout(h).square().sum()
+            masks = [r for r in ctl.report().rows if r.level == "mask"]
+            out.backward()
+        assert [m.nbytes for m in masks] == [64 * 256 // 8]
+        assert torch.equal(x.grad, exact)
+        x.grad = None
+
+
+def test_autocast_weight_copies_are_not_compressed():
+    model = nn.Sequential(nn.Linear(96, 96), nn.GELU(), nn.Linear(96, 96))
+    x = torch.randn(64, 96)
+    gact_aq.set_optimization_level("L1.2")
+    with Controller(model) as ctl, torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+        rows = ctl.report().rows
+    out.float().sum().backward()
+    assert rows and all(r.shape == (64, 96) and r.dtype == torch.bfloat16 for r in rows)
+
+
+# ---------------------------------------------------------------------- state and memory
+
+def test_report_sums_to_the_bytes_actually_held():
+    model, x, y = encoder_problem()
+    gact_aq.set_optimization_level("L2.2", bit=1.5, aq_bit=0.5)
+    with Controller(model) as ctl:
+        backprop = backprop_fn(model, x, y)
+        backprop()
+        ctl.iterate(backprop)
+        loss = nn.functional.cross_entropy(model(x), y)
+        report = ctl.report()
+        assert report.nbytes == held_bytes() > 0
+        assert report.exact_nbytes > 4 * report.nbytes
+        assert {r.level for r in report.rows} >= {"mask"}
+        assert "total:" in str(report) and len(str(report).splitlines()) == len(report.rows) + 3
+        loss.backward()
+        assert ctl.report().nbytes == held_bytes() == 0
+
+
+def test_state_dict_round_trip_reproduces_the_next_step():
+    model, x, y = cnn_problem()
+    backprop = backprop_fn(model, x, y)
+    gact_aq.set_optimization_level("L2.2", bit=1.5, aq_bit=0.5)
+    with Controller(model) as ctl:
+        backprop()
+        ctl.iterate(backprop)
+        state = json.loads(json.dumps(ctl.state_dict()))
+        backprop()
+        expected = grads(model)
+    restored = Controller(model)
+    restored.load_state_dict(state)
+    assert restored.levels == ctl.levels and restored.iteration == 1
+    assert restored.sensitivity.tolist() == ctl.sensitivity.tolist()
+    with restored:
+        backprop()
+    assert all(torch.equal(a, b) for a, b in zip(expected, grads(model)))
+    with pytest.raises(ValueError, match="one entry per tensor"):
+        restored.load_state_dict({**state, "shapes": state["shapes"][:-1]})
+
+
+def test_no_growth_of_held_tensors_over_200_iterations():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.Flatten(), nn.Dropout(0.2), nn.Linear(8 * 8 * 8, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    backprop = backprop_fn(model, x, y)
+    gact_aq.set_optimization_level("L2.2", bit=1.5, aq_bit=0.5)
+    gact_aq.set_adapt_interval(50)
+    counts = []
+    with Controller(model) as ctl:
+        for step in range(200):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            ctl.iterate(backprop)
+            if step % 50 == 49:
+                gc.collect()
+                counts.append((len(live(Unit)), len(live(aqcore.CompressedTensor)),
+                               len(ctl.packer.units), len(ctl.packer.seen), len(gc.get_objects())))
+    assert all(c[:4] == (0, 0, 0, 0) for c in counts)
+    assert counts[-1][4] - counts[0][4] < 500
+
+
+def test_two_controllers_do_not_interfere():
+    (a, xa, ya), (b, xb, yb) = cnn_problem(seed=1), cnn_problem(seed=2)
+    ctl_a = Controller(a, settings.build_config("L2.2", bit=1.5, aq_bit=0.5))
+    ctl_b = Controller(b, settings.build_config("L1.1"))
+    with ctl_a:
+        backprop_fn(a, xa, ya)()
+        ctl_a.iterate(backprop_fn(a, xa, ya))
+    levels_a = list(ctl_a.levels)
+    with ctl_b:
+        out = b(xb)
+        assert {r.level for r in ctl_b.report().rows} == {"8"}
+        out.sum().backward()
+        ctl_b.iterate()
+    assert ctl_a.levels == levels_a and ctl_a.iteration == 1 and ctl_b.iteration == 1
+
+
+def test_other_batch_sizes_keep_their_levels_other_shapes_get_the_start_level():
+    model, x, y = cnn_problem()
+    gact_aq.set_optimization_level("L2.2", bit=1.5, aq_bit=0.5)
+    with Controller(model) as ctl:
+        backprop_fn(model, x, y)()
+        ctl.iterate(backprop_fn(model, x, y))
+        allocated = [level.name for level in ctl.levels]
+        for inputs, expected in ((torch.cat([x, x[:4]]), allocated),
+                                 (x[:, :, :8], ["1"] * (len(allocated) - 1) + allocated[-1:])):
+            loss = model(inputs).sum()
+            assert [r.level for r in ctl.report().rows] == expected
+            loss.backward()
+    assert settings.start_level(ctl.config).name == "1" and len(set(allocated)) > 1
+
+
+def test_swap_keeps_gradients_and_marks_tensors_as_host_held():
+    model, x, y = cnn_problem()
+    backprop = backprop_fn(model, x, y)
+    results = []
+    for level in ("L1", "L4bit-swap"):
+        gact_aq.set_optimization_level(level)
+        with Controller(model) as ctl:
+            loss = nn.functional.cross_entropy(model(x), y)
+            swapped = {r.swapped for r in ctl.report().rows}
+            model.zero_grad()
+            loss.backward()
+        results.append((swapped, grads(model)))
+    assert results[0][0] == {False} and results[1][0] == {True}
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    gact_aq.set_optimization_level("swap")  # no compression: exact gradients, host-held
+    with Controller(model) as ctl:
+        backprop()
+    assert all(torch.equal(a, b) for a, b in zip(grads(model), _exact(backprop, model)))
+
+
+def _exact(backprop, model):
+    backprop()
+    return grads(model)
+
+
+def test_non_finite_activations_give_non_finite_gradients_where_exact_does():
+    model, x, y = cnn_problem()
+    x = x.clone()
+    x[3, 0, 5, 5] = float("inf")
+    backprop = backprop_fn(model, x, y)
+    exact = [torch.isfinite(g).all().item() for g in _exact(backprop, model)]
+    gact_aq.set_optimization_level("L1.2")
+    with Controller(model):
+        backprop()
+    assert [torch.isfinite(g).all().item() for g in grads(model)] == exact
+    assert not all(exact)
+
+
+def test_iterate_needs_backprop_and_something_to_compress():
+    model, x, y = cnn_problem()
+    gact_aq.set_optimization_level("L2.2")
+    with Controller(model) as ctl:
+        with pytest.raises(ValueError, match="backprop"):
+            ctl.iterate()
+    tiny = nn.Linear(4, 4)
+    with Controller(tiny) as ctl:
+        with pytest.raises(ValueError, match="nothing to compress"):
+            ctl.iterate(lambda: tiny(torch.randn(2, 4)).sum().backward())
