@@ -1,12 +1,11 @@
 """AutoPrecision: one level per saved tensor, least predicted gradient variance for the
 budget (ALGORITHMS.md C.6, with the AQ ladder and error model of DESIGN.md sections 4-5).
 
-The predicted variance a tensor adds at level l is C * e(l): C its sensitivity (gradient
-variance per unit of squared activation error) and e(l) the expected squared error of
-storing it at l, measured on the data by aqcore.level_errors (0 at 32 bits, stored as is).
-aqcore's solver minimises the sum of the predicted variances under
-sum_i numel_i bits(l_i) <= bit * sum_i numel_i (sensitivity.py says how each estimator
-predicts them).
+V[i, l], the gradient variance tensor i adds at level l, is about C_i * e_i(l): C_i its
+sensitivity (gradient variance per unit of squared activation error) and e_i(l) the
+expected squared error of storing it at l, measured on the data by aqcore.level_errors
+(0 at 32 bits: stored as is); sensitivity.py says how each estimator predicts V. aqcore's
+solver minimises sum_i V[i, l_i] under sum_i numel_i bits(l_i) <= bit * sum_i numel_i.
 """
 from __future__ import annotations
 

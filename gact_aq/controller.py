@@ -38,7 +38,13 @@ TRAINING_PASS = 0
 
 
 class Controller:
-    """Saved-tensor hooks plus AutoPrecision for `model` (plain or DistributedDataParallel)."""
+    """Saved-tensor hooks plus AutoPrecision for `model` (plain or DistributedDataParallel).
+
+    config: defaults to a copy of gact_aq.config as it is now. seed: mixed into every
+    rounding seed (with iteration, pass, tensor id and rank). After an adaptation,
+    `levels` / `shapes` / `sensitivity` hold one entry per tensor id and `extra_passes`
+    the number of backprop() calls it made.
+    """
 
     def __init__(self, model: nn.Module, config: Optional[settings.QuantizationConfig] = None,
                  seed: int = 0) -> None:
@@ -61,8 +67,7 @@ class Controller:
     def install_hook(self) -> None:
         if self._hooks is not None:
             raise RuntimeError("the hooks of this Controller are already installed")
-        self.packer.protected = {StorageWeakRef(t.untyped_storage())
-                                 for t in (*self.module.parameters(), *self.module.buffers())}
+        self._protect_model_state()
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self.packer.pack, self.packer.unpack)
         self._hooks.__enter__()
 
@@ -97,16 +102,20 @@ class Controller:
         self.iteration += 1
         self.packer.new_pass()
         self.packer.plan = self._training_plan()
+        self._protect_model_state()
 
     def adapt(self, backprop: Callable[[], object]) -> None:
         """Measure sensitivities with backprop() and allocate levels (AutoPrecision)."""
         prober = Prober(self.model, self.module, backprop)
         ladder = settings.ladder(self.config)
-        with self._hooks_installed(), prober.frozen():
-            sensitivity, measurement, variance = ESTIMATORS[self.config.sensitivity](
-                self, prober, ladder)
-        self.extra_passes = prober.passes
-        self.packer.new_pass()
+        try:
+            with self._hooks_installed(), prober.frozen():
+                sensitivity, measurement, variance = ESTIMATORS[self.config.sensitivity](
+                    self, prober, ladder)
+        finally:
+            self.extra_passes = prober.passes
+            self.packer.new_pass()
+            self.packer.plan = self._training_plan()
         if not measurement.numels:
             raise ValueError(
                 "nothing to compress: backprop() saved no floating tensor that requires grad "
@@ -119,6 +128,7 @@ class Controller:
         self.sensitivity = sensitivity
         self.shapes = list(measurement.shapes)
         self.levels = allocate(measurement.numels, variance, ladder, self.config.bit)
+        self.packer.plan = self._training_plan()
 
     # ------------------------------------------------------------------ passes
 
@@ -136,6 +146,11 @@ class Controller:
     def seed_for(self, pass_id: int, tid: int) -> int:
         """The rounding seed of a tensor in a pass of this iteration on this rank."""
         return rounding_seed(self.seed, self.iteration, pass_id, tid, _rank())
+
+    def _protect_model_state(self) -> None:
+        """Parameters and buffers (and views of them) are never compressed."""
+        self.packer.protected = {StorageWeakRef(t.untyped_storage())
+                                 for t in (*self.module.parameters(), *self.module.buffers())}
 
     def _training_plan(self) -> Plan:
         start = settings.start_level(self.config) if self.config.compress else aqcore.parse_level("32")

@@ -73,9 +73,12 @@ def _two_valued_scale(x: torch.Tensor) -> Optional[float]:
 def classify(x: torch.Tensor, min_numel: int,
              protected: "set[StorageWeakRef]") -> tuple[Optional[str], float]:
     """(FLOAT, MASK or SCALED_MASK, the mask's nonzero value) for what is compressed,
-    (None, 1.0) for what is kept as it is."""
+    (None, 1.0) for what is kept as it is. protected: the storages of the model's
+    parameters and buffers."""
     keep = (None, 1.0)
     if x.layout != torch.strided or x.numel() < min_numel:
+        return keep
+    if StorageWeakRef(x.untyped_storage()) in protected:
         return keep
     if x.dtype == torch.bool:
         return MASK, 1.0
@@ -84,7 +87,7 @@ def classify(x: torch.Tensor, min_numel: int,
     if not x.requires_grad:
         scale = _two_valued_scale(x)
         return keep if scale is None else (SCALED_MASK, scale)
-    if x.dim() < 2 or derives_from_leaf(x) or StorageWeakRef(x.untyped_storage()) in protected:
+    if x.dim() < 2 or derives_from_leaf(x):
         return keep
     return FLOAT, 1.0
 
@@ -128,7 +131,10 @@ class Plan:
 
 
 class Tracer:
-    """Watches the saves and unpacks of one pass (sensitivity estimation)."""
+    """Watches the saves and unpacks of one pass (sensitivity estimation). While
+    `bypass` is true, saves are left as they are and not shown to it."""
+
+    bypass = False
 
     def on_pack(self, x: torch.Tensor, unit: Optional[Unit], new: bool) -> None:
         """Every save: x exact, unit None when x is kept as it is."""
@@ -173,6 +179,8 @@ class Packer:
         self._dedup = weakref.WeakValueDictionary()
 
     def pack(self, x: torch.Tensor):
+        if self.tracer is not None and self.tracer.bypass:
+            return x
         if self._backward_seen and not _in_backward():
             self.new_pass()
         kind, scale = classify(x, self.min_numel, self.protected) if self.active else (None, 1.0)
@@ -207,7 +215,7 @@ class Packer:
     def _make_unit(self, x: torch.Tensor, kind: str, scale: float) -> Unit:
         tid, level = None, None
         if kind == MASK:
-            ct = aqcore.compress(x, "1")
+            ct = aqcore.pack_mask(x)
         elif kind == SCALED_MASK:
             ct = aqcore.pack_mask(x != 0)
         else:

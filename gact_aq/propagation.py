@@ -1,38 +1,42 @@
 """The default sensitivity estimator: local noise propagation through the autograd graph.
 
-Why it is right to first order. Noise d in a saved tensor x changes the backward only
+Why it is right to first order. Error d in a saved tensor x changes the backward only
 inside the nodes that saved x (its consumers). For a consumer c that receives the
 gradient gy, the change of each of its outputs k,
 
     D_ck = c(gy; x + d)_k - c(gy; x)_k,
 
-is computed exactly by calling the node once more with a compressed copy of x (the real
-error of a level). An output that feeds a parameter (AccumulateGrad) is gradient error as
-it is; one that feeds a node n travels upstream, where it adds about ||D_ck||^2 a(n), with
-a(n) the gain of gradient noise from n to all parameter gradients:
+is computed exactly: just before backward runs c, c is called once more with a compressed
+copy of x (the real error of a level), and the result is compared with what backward then
+computes. An output that feeds a parameter (AccumulateGrad) is gradient error as it is;
+one that feeds a node n travels upstream, where it adds about ||D_ck||^2 a(n), with a(n)
+the gain from n to all parameter gradients:
 
-    a(AccumulateGrad) = 1,   a(n) = sum_k g_nk a(next_k),   g_nk = ||n(v)_k||^2 / ||v||^2
+    a(AccumulateGrad) = 1,   a(n) = sum_k g_nk a(next_k),   g_nk = ||out_k||^2 / ||in||^2
 
-for a random v (one extra call per node; isotropic noise, independent across paths). So
+with g_nk the squared-norm gain of node n on the gradient backward passes through it
+(free: read in a post-hook). Errors on different paths are taken as independent. So
 storing x at level l adds about V_x(l) = sum_c sum_k ||D_ck(l)||^2 a(next_k) to the
 gradient variance, and r_x(l) = V_x(l) / ||d(l)||^2 is its sensitivity at that level.
 
 This is ActNN's insight (the error a layer's weight gradient gets is the noise times the
 gradient at its output) generalized to any node, plus the indirect terms ActNN drops
-(ReLU masks, normalization statistics, attention). Each level at or below 2 bits is
-measured on its own, as the error there is not small independent noise: ReLU masks flip
-at 1 bit, and AQ's averaging is a deterministic error, often coherent across the samples
-of a batch, which a weight gradient then sums up (sensitivity.propagate prices it).
+(ReLU masks, normalization statistics, attention). Each measured level is measured on its
+own, as its error is not small independent noise: ReLU masks flip at 1 bit, and AQ's
+averaging is a deterministic error, often coherent across the samples of a batch, which
+a weight gradient then sums up (sensitivity.propagate prices it).
 
-Cost: the exact reference pass, and in its backward one extra call of every node plus,
-for each node that saved float tensors, one call and one per tensor and measured level:
-a few backward passes in total, whatever the number of tensors, where the published
-probe needs three passes per tensor.
+Cost: the exact reference pass, plus one call of each node that saved float tensors per
+tensor and measured level (3 at aq_bit=0.5): about two more backward passes in total,
+whatever the number of tensors, where the published probe needs three passes per tensor.
 
-Nodes are called under no_grad with fresh copies of their inputs; noise comes from a
-private generator (global random state untouched). A node that saved a tensor but was not
-seen before backward reached it (it lies downstream of the model output and of every
-other save) cannot be measured: its tensors get the largest measured sensitivities.
+Nodes are called under no_grad with fresh copies of their inputs, and only nodes whose
+saved tensors all went through our hooks (so recomputing checkpointed regions or other
+hooks' single-use tensors is never triggered); saves made during those calls are left
+alone. A node that saved a
+tensor but was not seen before backward reached it (it lies downstream of the model
+output and of every other save) cannot be measured: its tensors get the largest
+measured sensitivities.
 """
 from __future__ import annotations
 
@@ -54,11 +58,10 @@ from .packing import Unit
 Grads = tuple[Optional[torch.Tensor], ...]
 
 
-def _sq(t: Optional[torch.Tensor]) -> torch.Tensor:
-    """||t||^2 as a float64 scalar on t's device."""
+def _sq(t: Optional[torch.Tensor]) -> float:
     if t is None:
-        return torch.zeros((), dtype=torch.float64)
-    return t.detach().double().square().sum()
+        return 0.0
+    return float(torch.linalg.vector_norm(t.detach(), dtype=torch.float64)) ** 2
 
 
 def _as_tuple(out) -> Grads:
@@ -82,13 +85,13 @@ class Propagation(Measurement):
         self._node_list: list = []                  # index -> node (hooks hold indices)
         self._order: list = []                      # nodes in the order backward ran them
         self._gains: dict = {}                      # node -> g_nk per output k
+        self._pending: dict = {}                    # node -> [(tid, level index, outputs, ||d||^2)]
         self._effects: list = []                    # (tid, level index, node, [||D_k||^2], ||d||^2)
         self._units: "weakref.WeakValueDictionary[int, Unit]" = weakref.WeakValueDictionary()
         self._unmeasured: set[int] = set()
-        self._recording: Optional[set] = None
+        self._saved_names: dict[type, list[str]] = {}
         self._perturbed: Optional[tuple[Unit, torch.Tensor]] = None
         self._manual = False
-        self._generators: dict = {}
 
     # ------------------------------------------------------------------ tracer
 
@@ -99,14 +102,16 @@ class Propagation(Measurement):
         if x.grad_fn is not None:
             self._walk(x.grad_fn)
 
+    @property
+    def bypass(self) -> bool:
+        return self._manual
+
     def on_unpack(self, unit: Unit) -> Optional[torch.Tensor]:
         if unit.tid is None:
             return None
-        if self._recording is not None:
-            self._recording.add(unit.tid)
         if self._perturbed is not None and self._perturbed[0] is unit:
             return self._perturbed[1]
-        if not self._manual and torch._C._current_autograd_node() not in self._gains:
+        if not self._manual and torch._C._current_autograd_node() not in self._pending:
             self._unmeasured.add(unit.tid)
         return None
 
@@ -132,54 +137,64 @@ class Propagation(Measurement):
             node = stack.pop()
             if node is None or node in self._nodes or _is_leaf(node):
                 continue
-            self._nodes[node] = len(self._node_list)
+            index = self._nodes[node] = len(self._node_list)
             self._node_list.append(node)
-            node.register_prehook(_prehook(weakref.ref(self), self._nodes[node]))
+            node.register_prehook(_hook(weakref.ref(self), index, Propagation._before))
+            node.register_hook(_hook(weakref.ref(self), index, Propagation._after))
             stack.extend(fn for fn, _ in node.next_functions)
 
-    def _measure(self, node, grad_outputs: Grads) -> None:
-        """Gains of node, and the effect of each float tensor it saved (see module doc)."""
+    def _before(self, node, grad_outputs: Grads) -> None:
+        """Before backward runs node: its outputs with each saved float tensor compressed."""
         self._order.append(node)
+        pending = self._pending[node] = []
         self._manual = True
         try:
             with torch.no_grad():
-                noise = tuple(None if g is None else self._randn_like(g) for g in grad_outputs)
-                self._recording = set()
-                response = _as_tuple(node(*noise))
-                held, self._recording = self._recording, None
-                den = sum(float(_sq(v)) for v in noise)
-                self._gains[node] = [float(_sq(r)) / den if den > 0 else 0.0 for r in response]
-                if held:
-                    self._effects_of(node, grad_outputs, sorted(held))
-        except Exception as error:  # a node that cannot be called again: pass noise through
+                for tid in self._held(node):
+                    unit = self._units.get(tid)
+                    if unit is None:
+                        continue
+                    exact = unit.restore()
+                    for j, level in enumerate(self.levels):
+                        noisy = aqcore.decompress(aqcore.compress(
+                            exact, level, seed=self.seed(tid), group_size=self.group_size))
+                        self._perturbed = (unit, noisy)
+                        outputs = _as_tuple(_call(node, _copies(grad_outputs)))
+                        pending.append((tid, j, outputs, _sq(noisy - exact)))
+        except Exception as error:  # a node that cannot be called again
             warnings.warn(f"gact_aq: sensitivity propagation cannot re-run {type(node).__name__} "
-                          f"({error}); treating it as neutral", stacklevel=2)
-            self._gains[node] = [1.0] * len(node.next_functions)
+                          f"({error}); its tensors get the largest sensitivity", stacklevel=2)
+            self._unmeasured.update(tid for tid, *_ in pending)
+            pending.clear()
         finally:
-            self._manual, self._recording, self._perturbed = False, None, None
+            self._manual, self._perturbed = False, None
 
-    def _effects_of(self, node, grad_outputs: Grads, tids: list[int]) -> None:
-        base = _as_tuple(node(*_copies(grad_outputs)))
-        for tid in tids:
-            unit = self._units.get(tid)
-            if unit is None:
-                continue
-            exact = unit.restore()
-            for j, level in enumerate(self.levels):
-                noisy = aqcore.decompress(aqcore.compress(exact, level, seed=self.seed(tid),
-                                                          group_size=self.group_size))
-                self._perturbed = (unit, noisy)
-                changed = _as_tuple(node(*_copies(grad_outputs)))
-                self._perturbed = None
-                deltas = [_sq(None if a is None or b is None else a - b)
-                          for a, b in zip(changed, base)]
-                self._effects.append((tid, j, node, deltas, _sq(noisy - exact)))
+    def _after(self, node, grad_inputs: Grads, grad_outputs: Grads) -> None:
+        """After backward ran node: its gains, and the changes D_ck against its outputs."""
+        incoming = sum(_sq(g) for g in grad_outputs)
+        self._gains[node] = [_sq(g) / incoming if incoming > 0 else 0.0 for g in grad_inputs]
+        for tid, j, outputs, noise in self._pending.get(node, ()):
+            deltas = [_sq(None if a is None or b is None else _like(a, b) - b)
+                      for a, b in zip(outputs, grad_inputs)]
+            self._effects.append((tid, j, node, deltas, noise))
+        self._pending[node] = []
 
-    def _randn_like(self, g: torch.Tensor) -> torch.Tensor:
-        gen = self._generators.get(g.device)
-        if gen is None:
-            gen = self._generators[g.device] = torch.Generator(g.device).manual_seed(self.seed(-1))
-        return torch.randn(g.shape, generator=gen, device=g.device, dtype=g.dtype)
+    def _held(self, node) -> set[int]:
+        """Tensor ids of the float units node saved, read from its saved slots without
+        unpacking anything (other hooks, e.g. checkpoint's, allow a single unpack)."""
+        names = self._saved_names.get(type(node))
+        if names is None:
+            names = self._saved_names[type(node)] = [
+                a for a in dir(node) if a.startswith("_raw_saved_")]
+        held = set()
+        for name in names:
+            slots = getattr(node, name)
+            for slot in slots if isinstance(slots, (tuple, list)) else (slots,):
+                packed = slot.data
+                unit = packed[0] if isinstance(packed, tuple) else packed
+                if isinstance(unit, Unit) and unit.tid is not None:
+                    held.add(unit.tid)
+        return held
 
     # ------------------------------------------------------------------ result
 
@@ -190,10 +205,10 @@ class Propagation(Measurement):
             gain = self._upstream_gains()
             result = np.zeros((len(self.shapes), len(self.levels)))
             for tid, j, node, deltas, noise in self._effects:
-                if tid >= len(result) or float(noise) <= 0:
+                if tid >= len(result) or noise <= 0:
                     continue
                 reach = [_reach(fn, gain) for fn, _ in node.next_functions]
-                result[tid, j] += sum(float(d) * r for d, r in zip(deltas, reach)) / float(noise)
+                result[tid, j] += sum(d * r for d, r in zip(deltas, reach)) / noise
             missing = [t for t in self._unmeasured if t < len(result)]
             if missing and len(missing) < len(result):
                 result[missing] = result.max(axis=0)
@@ -203,6 +218,7 @@ class Propagation(Measurement):
             self._node_list.clear()
             self._order.clear()
             self._gains.clear()
+            self._pending.clear()
             self._effects.clear()
 
     def _upstream_gains(self) -> dict:
@@ -210,25 +226,39 @@ class Propagation(Measurement):
         gain: dict = {}
         for node in reversed(self._order):
             gain[node] = sum(g * _reach(fn, gain)
-                             for (fn, _), g in zip(node.next_functions, self._gains[node]))
+                             for (fn, _), g in zip(node.next_functions, self._gains.get(node, ())))
         return gain
 
 
-def _prehook(tracer_ref, index: int):
-    """A node pre-hook that holds no reference to the node or the tracer (no cycles
-    through the graph, which Python's collector cannot see)."""
-    def prehook(grad_outputs):
+def _hook(tracer_ref, index: int, method):
+    """A node hook that holds no reference to the node or the tracer (no cycles through
+    the graph, which Python's collector cannot see)."""
+    def hook(*grads):
         tracer = tracer_ref()
         if tracer is not None and index < len(tracer._node_list):
-            tracer._measure(tracer._node_list[index], grad_outputs)
-    return prehook
+            method(tracer, tracer._node_list[index], *grads)
+    return hook
+
+
+def _call(node, grads: Grads):
+    """Run a backward node by hand: C++ nodes are callable, a custom autograd.Function's
+    node runs its backward through apply."""
+    return node(*grads) if callable(node) else node.apply(*grads)
 
 
 def _reach(fn, gain: dict) -> float:
-    """How much of the noise entering fn ends up in parameter gradients."""
+    """How much of the error entering fn ends up in parameter gradients."""
     if fn is None:
         return 0.0
     return 1.0 if _is_leaf(fn) else gain.get(fn, 0.0)
+
+
+def _like(computed: torch.Tensor, engine: torch.Tensor) -> torch.Tensor:
+    """A node's raw output as backward passes it on (summed to the input's shape and cast
+    to its dtype, as autograd does for broadcast or cast inputs)."""
+    if computed.shape != engine.shape:
+        computed = computed.sum_to_size(engine.shape)
+    return computed.to(engine.dtype)
 
 
 def _copies(grads: Grads) -> Grads:

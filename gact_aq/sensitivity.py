@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
+from tqdm import tqdm
 
 import aqcore
 from aqcore import Level
@@ -26,7 +27,6 @@ if TYPE_CHECKING:
     from .controller import Controller
 
 ONE_BIT = aqcore.parse_level("1")
-TWO_BITS = aqcore.parse_level("2")
 EIGHT_BITS = aqcore.parse_level("8")
 MAX_PROBE_VALUE = 1e10  # the published clamp for NaN / Inf / huge probe results
 
@@ -43,7 +43,7 @@ def probe(ctl: "Controller", prober: Prober, ladder: Sequence[Level]):
     ctl.run_pass(prober, {}, pass_id=1, tracer=m)
     m.finish(ctl.packer.seen)
     sensitivity = np.zeros(len(m.numels))
-    for tid in range(len(m.numels)):
+    for tid in tqdm(range(len(m.numels)), desc="gact_aq probe", leave=False, disable=None):
         g0 = ctl.run_pass(prober, {tid: ONE_BIT}, pass_id=2 + 3 * tid)
         g1 = ctl.run_pass(prober, {tid: ONE_BIT}, pass_id=3 + 3 * tid)
         g2 = ctl.run_pass(prober, {tid: EIGHT_BITS}, pass_id=4 + 3 * tid)
@@ -59,33 +59,27 @@ def probe(ctl: "Controller", prober: Prober, ladder: Sequence[Level]):
 def propagate(ctl: "Controller", prober: Prober, ladder: Sequence[Level]):
     """Local noise propagation (propagation.py) during the reference pass: no other pass.
 
-    V is measured at each level at or below 2 bits; finer plain levels are small
-    independent noise, priced with the 2-bit rate times their expected error energy.
-    An AQ level is priced max(measured, C * e): its averaging is a deterministic error, a
-    bias that SGD does not average out over steps, so it never costs less than independent
-    noise of the same energy (how the probe method prices it); where the measurement is
-    larger (errors coherent across a batch: attention outputs feeding a linear layer cost
-    5x their energy), the measurement wins. Priced by the per-step variance alone, AQ
-    spreads and a digits CNN at 1.25 bits loses 5 points of accuracy.
+    It measures the 1-bit sensitivity C (as the probe does) and each AQ level's own rate.
+    Plain levels are priced C * e(l), like the probe prices them. An AQ level is priced
+    max(its rate, C) * e(l): its averaging is a deterministic error, a bias that SGD does
+    not average out over steps, so it never costs less than independent noise of the same
+    energy (how the probe prices it); where the measurement is larger (errors coherent
+    across a batch: attention outputs feeding a linear layer cost 5x their energy), the
+    measurement wins. Priced by the measured per-step variance alone, AQ spreads and a
+    digits CNN at 1.25 bits loses 5 points of accuracy.
     """
-    measured = [level for level in ladder if not level.is_raw and level.bits_per_value <= 2]
+    measured = [ONE_BIT] + [level for level in ladder if level.is_aq]
     tracer = Propagation(ladder, ctl.config.group_size, measured,
                          lambda tid: ctl.seed_for(pass_id=1, tid=tid))
     with tracer.watching(ctl.module):
         ctl.run_pass(prober, {}, pass_id=1, tracer=tracer)
     tracer.finish(ctl.packer.seen)
     rates = tracer.sensitivities()
-    sensitivity = rates[:, measured.index(ONE_BIT)]
+    sensitivity = rates[:, 0]
     columns = []
     for level in ladder:
-        error = tracer.error_at(level)
-        rate = rates[:, measured.index(level if level in measured else TWO_BITS)]
-        if level.is_raw:
-            columns.append(np.zeros(len(rates)))
-        elif level.is_aq:
-            columns.append(np.maximum(rate, sensitivity) * error)
-        else:
-            columns.append(rate * error)
+        rate = np.maximum(rates[:, measured.index(level)], sensitivity) if level.is_aq else sensitivity
+        columns.append(rate * tracer.error_at(level))
     return sensitivity, tracer, np.stack(columns, axis=1)
 
 
