@@ -69,10 +69,11 @@ class Measurement(Tracer):
         if new and unit.tid is not None:
             self._errors[unit.tid] = tensor_errors(x, self.ladder, self.group_size)
 
-    def finish(self, seen) -> None:
-        self.shapes = [tuple(info.shape) for info in seen]
+    def finish(self, seen: Sequence[torch.Size]) -> None:
+        """seen: the pass's float-unit shapes by tensor id (Packer.seen)."""
+        self.shapes = [tuple(shape) for shape in seen]
         if seen:
-            self.errors = np.stack([self._errors[info.tid] for info in seen])
+            self.errors = np.stack([self._errors[tid] for tid in range(len(seen))])
 
     @property
     def numels(self) -> list[int]:

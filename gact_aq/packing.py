@@ -144,16 +144,6 @@ class Tracer:
         return None
 
 
-@dataclass
-class SavedInfo:
-    """What a pass saw of one float unit (the Controller's bookkeeping)."""
-
-    tid: int
-    shape: torch.Size
-    dtype: torch.dtype
-    level: Level
-
-
 class Packer:
     """The pack / unpack pair of one Controller."""
 
@@ -165,7 +155,7 @@ class Packer:
         self.plan: Optional[Plan] = None
         self.tracer: Optional[Tracer] = None
         self.protected: set[StorageWeakRef] = set()
-        self.seen: list[SavedInfo] = []
+        self.seen: list[torch.Size] = []         # shapes of this pass's float units, by tid
         self.units: "weakref.WeakSet[Unit]" = weakref.WeakSet()
         self._dedup: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
         self._next_tid = 0
@@ -223,7 +213,7 @@ class Packer:
             self._next_tid += 1
             level = self.plan.level(tid, x) if self.compress else aqcore.parse_level("32")
             ct = aqcore.compress(x, level, seed=self.plan.seed(tid), group_size=self.group_size)
-            self.seen.append(SavedInfo(tid, x.shape, x.dtype, level))
+            self.seen.append(x.shape)
         data = self.swapper.offload(ct) if self.swapper is not None else ct
         return Unit(tid, kind, x.shape, x.dtype, level, data, scale)
 

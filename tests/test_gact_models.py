@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-import gact_aq
+from gact_aq import settings
 from gact_aq.controller import Controller
 
 DIGITS = Path(__file__).resolve().parents[1] / "benchmark" / "data" / "digits.npz"
@@ -87,8 +87,7 @@ def digits(n: int = 1797):
 
 def test_both_models_save_activations_that_get_compressed():
     for model, x, y in (cnn_problem(), encoder_problem()):
-        gact_aq.set_optimization_level("L1.2")
-        with Controller(model) as ctl:
+        with Controller(model, settings.build_config("L1.2")) as ctl:
             loss = nn.functional.cross_entropy(model(x), y)
             report = ctl.report()
             loss.backward()

@@ -89,10 +89,17 @@ def test_an_allocation_from_random_sensitivities_is_worse():
 
 @pytest.mark.parametrize("method", ["propagate", "probe"])
 def test_probes_leave_training_state_untouched(method):
-    model, x, y = cnn_problem()
-    model.features[1].momentum = None  # cumulative averages use num_batches_tracked too
+    model = nn.Sequential(  # dropout: the passes draw random numbers
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.3),
+        nn.Flatten(), nn.Linear(8 * 14 * 14, 10))
+    model[1].momentum = None  # cumulative averages use num_batches_tracked too
+    x, y = torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))
     opt = torch.optim.Adam(model.parameters())
-    backprop = backprop_fn(model, x, y)
+
+    def backprop():
+        random.random(), np.random.rand()  # a closure may draw from any generator
+        backprop_fn(model, x, y)()
+
     backprop()
     opt.step()
     backprop()  # the gradients a user may still hold
@@ -104,6 +111,7 @@ def test_probes_leave_training_state_untouched(method):
         ctl.iterate(backprop)
     after = ([b.clone() for b in model.buffers()], grads(model), repr(opt.state_dict()),
              random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state())
+    assert ctl.levels
     assert all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
     assert all(torch.equal(a, b) for a, b in zip(before[1], after[1]))
     assert before[2] == after[2] and before[3] == after[3]
