@@ -90,6 +90,7 @@ class Propagation(Measurement):
         self._units: "weakref.WeakValueDictionary[int, Unit]" = weakref.WeakValueDictionary()
         self._unmeasured: set[int] = set()
         self._saved_names: dict[type, list[str]] = {}
+        self._failed: set[type] = set()
         self._perturbed: Optional[tuple[Unit, torch.Tensor]] = None
         self._manual = False
 
@@ -161,11 +162,13 @@ class Propagation(Measurement):
                         self._perturbed = (unit, noisy)
                         outputs = _as_tuple(_call(node, _copies(grad_outputs)))
                         pending.append((tid, j, outputs, _sq(noisy - exact)))
-        except Exception as error:  # a node that cannot be called again
-            warnings.warn(f"gact_aq: sensitivity propagation cannot re-run {type(node).__name__} "
-                          f"({error}); its tensors get the largest sensitivity", stacklevel=2)
-            self._unmeasured.update(tid for tid, *_ in pending)
-            pending.clear()
+        except Exception as error:  # a node that cannot be read or called again
+            if type(node) not in self._failed:
+                self._failed.add(type(node))
+                warnings.warn(f"gact_aq: sensitivity propagation cannot re-run "
+                              f"{type(node).__name__} ({error}); its tensors get the largest "
+                              "sensitivity", stacklevel=2)
+            del self._pending[node]  # so backward's own unpacks mark its tensors unmeasured
         finally:
             self._manual, self._perturbed = False, None
 
@@ -197,6 +200,11 @@ class Propagation(Measurement):
         return held
 
     # ------------------------------------------------------------------ result
+
+    @property
+    def measured_nothing(self) -> bool:
+        """Whether no tensor could be measured (e.g. a torch without SavedTensor.data)."""
+        return bool(self.shapes) and len(self._unmeasured) >= len(self.shapes)
 
     def sensitivities(self) -> np.ndarray:
         """r_x(l): (tensors, levels) gradient variance per unit of squared error, then

@@ -11,6 +11,7 @@ to add at each ladder level l, which the allocation minimises.
 """
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
@@ -74,6 +75,11 @@ def propagate(ctl: "Controller", prober: Prober, ladder: Sequence[Level]):
     with tracer.watching(ctl.module):
         ctl.run_pass(prober, {}, pass_id=1, tracer=tracer)
     tracer.finish(ctl.packer.seen)
+    if tracer.measured_nothing:
+        tracer.sensitivities()
+        warnings.warn("gact_aq: no tensor could be measured by propagation; using the "
+                      "probe method for this adaptation", stacklevel=3)
+        return probe(ctl, prober, ladder)
     rates = tracer.sensitivities()
     sensitivity = rates[:, 0]
     columns = []
