@@ -8,7 +8,6 @@ import torch
 from scipy.stats import spearmanr
 from torch import nn
 
-import gact_aq
 from gact_aq import settings
 from gact_aq.controller import Controller
 from test_gact_models import backprop_fn, cnn_problem, encoder_problem, grads

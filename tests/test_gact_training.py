@@ -3,7 +3,6 @@ import pytest
 import torch
 from torch import nn
 
-import aqcore
 import gact_aq
 from gact_aq.controller import Controller
 from test_gact_models import (SmallCNN, backprop_fn, cnn_problem, digits, encoder_problem,
