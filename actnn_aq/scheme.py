@@ -24,9 +24,10 @@ import torch
 import torch.distributed as dist
 
 import aqcore
-from aqcore.solver import allocate_bits
+from aqcore import allocate_bits
 
 from .saved import Plan, seed_for
+from .sensitivity import InputNoise
 from .settings import QuantizationConfig
 
 BUDGET_SLACK = 1e-9  # relative: a layer's share, rounded, must still fit its own allocation
@@ -51,15 +52,15 @@ class Observation:
         self.sample_numel = sample_numel
         self.indices = indices  # dataset indices (use_gradient)
         self.coef = 0.0  # own weight-gradient term, set by the layer
-        self.fan = 0.0  # weighted layers: fan_in, and mean(x^2) of their input
+        self.fan = 0.0  # weighted layers: fan_in, mean(x^2) of their input, ||W_c||^2 per output
         self.mean_sq = 0.0
+        self.out_sq: torch.Tensor | None = None
         self.source: Observation | None = None  # the weighted layer that produced this input
         self.grad_sq: torch.Tensor | None = None  # (N,) ||g_n||^2, NaN where not finite
-        self.noise: tuple | None = None  # (u_n, v_n) input-gradient noise per unit error
+        self.noise: InputNoise | None = None
 
-    def backward(self, grad_output: torch.Tensor,
-                 noise: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> None:
-        """Record ||g_n||^2, and the input-gradient noise (u_n, v_n), from the backward."""
+    def backward(self, grad_output: torch.Tensor, noise: InputNoise | None = None) -> None:
+        """Record ||g_n||^2, and how the input error reaches the input gradient."""
         g = grad_output.detach()
         sq = g.reshape(g.shape[0], -1).float().square().sum(1).double().cpu() if g.dim() > 1 else \
             g.float().square().sum().double().cpu().reshape(1)
@@ -69,12 +70,11 @@ class Observation:
         self.scheme.controller.backward_running()
 
     def propagated(self) -> np.ndarray:
-        """mean(x_s^2) * (fan_in * u_n + v_n) of the source (sensitivity.py), 0 if unknown."""
+        """What the input-gradient noise adds to the source's weight gradient (sensitivity.py)."""
         if self.source is None or self.noise is None:
             return np.zeros(len(self.errors))
-        u, v = self.noise
-        total = self.source.fan * u.numpy() + (0.0 if v is None else v.numpy())
-        return np.nan_to_num(self.source.mean_sq * total, nan=0.0, posinf=0.0)
+        src = self.source
+        return self.noise.propagated(src.fan, src.mean_sq, src.out_sq).numpy()
 
 
 class LayerScheme:
@@ -90,9 +90,10 @@ class LayerScheme:
         self.sample_grad = torch.empty(0, dtype=torch.float64)  # use_gradient memory, NaN = unseen
         self.observed: list[Observation] = []
 
-    def plan(self, x: torch.Tensor, fan: float | None = None) -> tuple[Plan, Observation | None]:
+    def plan(self, x: torch.Tensor, fan: float | None = None,
+             weight: torch.Tensor | None = None) -> tuple[Plan, Observation | None]:
         """How to store this call's input x, and the observation its backward fills in.
-        fan: given by weighted layers (conv/linear), see sensitivity.py."""
+        Weighted layers (conv/linear) give their fan_in and weight (see sensitivity.py)."""
         cfg = self.controller.config
         self.calls += 1
         if not cfg.compress or x.numel() == 0:
@@ -106,6 +107,8 @@ class LayerScheme:
         obs = Observation(self, errors, rows.shape[1], self.controller.batch_indices(rows.shape[0]))
         if fan is not None:
             obs.fan, obs.mean_sq = fan, rows.float().square().mean().item()
+            if weight is not None:
+                obs.out_sq = weight.detach().flatten(1).float().square().sum(1).double().cpu()
             self.controller.last_weighted = obs
         else:
             obs.source = self.controller.last_weighted

@@ -1,6 +1,9 @@
 """actnn_aq on a small ResNet (CPU): bytes saved for backward per sample at each level, and
 the relative error of the parameter gradient against exact training.
 
+Data: the bundled digits (benchmark/data), upsampled to 3 x 32 x 32; the model is first
+trained for a few SGD steps so that weights and activations are not a fresh init's.
+
     python benchmark/actnn_resnet_bytes.py [--batch 32] [--seeds 8] [--json out.json]
 
 Bytes: every tensor autograd keeps for backward (stock layers' saved tensors, our Q-layers'
@@ -12,15 +15,22 @@ allocation adapt (no optimizer step, so every measurement sees the same weights)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
+from pathlib import Path
+
+import numpy as np
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
 import actnn_aq
+import aqcore
+from actnn_aq import scheme
 from actnn_aq.saved import Packed
+from aqcore import allocate_bits
 
 
 class BasicBlock(nn.Module):
@@ -51,6 +61,13 @@ def resnet(widths=(16, 32, 64), blocks=2, classes=10) -> nn.Module:
             cin = w
     layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
     return nn.Sequential(*layers)
+
+
+def digits(n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    data = np.load(Path(__file__).parent / "data" / "digits.npz")
+    images = torch.from_numpy(data["images"][offset:offset + n]).float().div(16).unsqueeze(1)
+    images = F.interpolate(images, size=32, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
+    return (images - 0.3) / 0.4, torch.from_numpy(data["labels"][offset:offset + n]).long()
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
@@ -93,6 +110,27 @@ def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
+class PublishedPricing:
+    """The published ActNN-AQ allocator inside ours, for comparison (ALGORITHMS.md B.7, D.4):
+    the greedy heap, and every AQ level priced like 1-bit rounding."""
+
+    def __enter__(self):
+        self.level_errors, self.allocate = aqcore.level_errors, scheme.allocate_bits
+
+        def priced(rows, group_size, levels):
+            one_bit = self.level_errors(rows, group_size, (aqcore.parse_level("1"),))
+            plain = tuple(l for l in levels if not l.is_aq)
+            errors = self.level_errors(rows, group_size, plain)
+            return torch.cat([errors, one_bit.expand(-1, len(levels) - len(plain))], 1)
+
+        scheme.aqcore.level_errors = priced
+        scheme.allocate_bits = lambda *a: allocate_bits(*a, method="greedy")
+        return self
+
+    def __exit__(self, *exc):
+        scheme.aqcore.level_errors, scheme.allocate_bits = self.level_errors, self.allocate
+
+
 SETTINGS = [
     ("exact", None, {}),
     ("L0", "L0", {}),
@@ -108,6 +146,8 @@ SETTINGS = [
     ("L3 1.25 bit, aq 0.25", "L3", dict(bit=1.25, aq_bit=0.25)),
     ("L3 1 bit, aq 0.5", "L3", dict(bit=1, aq_bit=0.5)),
     ("L3 1 bit, no aq", "L3", dict(bit=1)),
+    ("published pricing, L3 1.5 bit, aq 0.5", "L3", dict(bit=1.5, aq_bit=0.5, published=True)),
+    ("published pricing, L3 1.25 bit, aq 0.5", "L3", dict(bit=1.25, aq_bit=0.5, published=True)),
 ]
 
 
@@ -120,28 +160,31 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     base = resnet()
-    x, y = torch.randn(args.batch, 3, 32, 32), torch.randint(0, 10, (args.batch,))
-    # A few SGD steps so the weights and activations are not those of a fresh init.
     opt = torch.optim.SGD(base.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(20):
+    for step in range(30):
         opt.zero_grad()
-        F.cross_entropy(base(x), y).backward()
+        images, labels = digits(32, 32 * step)
+        F.cross_entropy(base(images), labels).backward()
         opt.step()
+    x, y = digits(args.batch, 1500)
     exact_grad = gradient(base, x, y)
     rows = []
     for name, level, kwargs in SETTINGS:
+        kwargs = dict(kwargs)
+        published = kwargs.pop("published", False)
         model = copy.deepcopy(base)
         if level is not None:
             actnn_aq.set_optimization_level(level, **kwargs)
             model = actnn_aq.QModule(model)
-        for _ in range(args.warmup):
-            gradient(model, x, y)
-        nbytes = saved_bytes(model, x, y)
-        errors = [((gradient(model, x, y) - exact_grad).norm() / exact_grad.norm()).item()
-                  for _ in range(args.seeds)]
+        with PublishedPricing() if published else contextlib.nullcontext():
+            for _ in range(args.warmup):
+                gradient(model, x, y)
+            nbytes = saved_bytes(model, x, y)
+            errors = [((gradient(model, x, y) - exact_grad).norm() / exact_grad.norm()).item()
+                      for _ in range(args.seeds)]
         rows.append(dict(setting=name, bytes_per_sample=nbytes / args.batch, grad_rel_error=sum(errors) / len(errors)))
     exact_bytes = rows[0]["bytes_per_sample"]
-    print(f"ResNet ({sum(p.numel() for p in base.parameters())} parameters), batch {args.batch}, 32x32 inputs")
+    print(f"ResNet ({sum(p.numel() for p in base.parameters())} parameters), batch {args.batch}, 3x32x32 digits")
     print(f"| setting | bytes/sample | x smaller | grad rel. error |")
     print(f"|---|---|---|---|")
     for r in rows:

@@ -295,3 +295,17 @@ def test_state_stays_bounded_over_iterations():
         model(x)  # a forward without backward leaves nothing behind either
     assert all(not s.observed for s in model.controller.layers)
     assert model.controller.iteration == 20
+
+
+def test_per_layer_off_keeps_every_layer_at_the_target(monkeypatch):
+    actnn_aq.set_optimization_level("L3", bit=1.5, aq_bit=0.5)
+    actnn_aq.config.per_layer = False
+    capture = Capture(monkeypatch)
+    model = actnn_aq.QModule(mlp())
+    x, y = torch.randn(8, 32), torch.randint(0, 4, (8,))
+    for _ in range(2):
+        train_step(model, x, y)
+    assert all(bits is None for bits in model.controller.state().values())
+    for _, ct in capture.items:  # each layer spends at most its share, the target
+        levels = ct.levels if len(ct.levels) > 1 else ct.levels * ct.shape[0]
+        assert np.mean([l.bits_per_value for l in levels]) <= 1.5

@@ -25,9 +25,12 @@ class QLayer:
         if self.uses_scheme:
             self.aq_scheme: LayerScheme = Controller(snapshot()).add_layer(type(self).__name__)
 
-    def _plan(self, x: torch.Tensor, fan: float) -> tuple[Plan | None, Observation | None]:
-        """A weighted layer's plan: its input is needed only for the weight gradient."""
-        return self.aq_scheme.plan(x, fan) if self.weight.requires_grad else (None, None)
+    def _plan(self, x: torch.Tensor, fan: float, out_weight: bool = True) -> tuple[Plan | None, Observation | None]:
+        """A weighted layer's plan: its input is needed only for the weight gradient.
+        out_weight: the weight's dim 0 is the output channel (not so when transposed)."""
+        if not self.weight.requires_grad:
+            return None, None
+        return self.aq_scheme.plan(x, fan, self.weight if out_weight else None)
 
     def _training_step(self, x: torch.Tensor, *params) -> bool:
         if not (self.training and torch.is_grad_enabled()):

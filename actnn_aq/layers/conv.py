@@ -74,7 +74,7 @@ class _QConvTransposeNd(QLayer):
         spec = ConvSpec(dims=self._dims, stride=self.stride, padding=self.padding, dilation=self.dilation,
                         groups=self.groups, transposed=True, output_padding=tuple(output_padding))
         kernel = self.weight[0, 0].numel()
-        plan, obs = self._plan(input, conv_fan(kernel, self.in_channels, self.groups))
+        plan, obs = self._plan(input, conv_fan(kernel, self.in_channels, self.groups), out_weight=False)
         y = ConvFunction.apply(input, self.weight, self.bias, spec, plan, obs)
         if obs is not None:
             in_positions, out_positions = input.shape[-self._dims:].numel(), y.shape[-self._dims:].numel()

@@ -6,16 +6,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..saved import EXACT
 from ..ops.norm import BatchNormFunction, LayerNormFunction, SyncBatchNormFunction
+from ..saved import EXACT
 from .base import QLayer
 
 
 class _QBatchNorm(QLayer):
     uses_scheme = True
 
-    def _momentum(self) -> float:
-        """The running-stat factor, counting the batch as torch.nn's _BatchNorm does."""
+    def _track_batch(self) -> float:
+        """Count this batch and return the running-stat factor, as torch.nn's _BatchNorm does."""
         factor = 0.0 if self.momentum is None else self.momentum
         if self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
@@ -30,7 +30,7 @@ class _QBatchNorm(QLayer):
         if not self._training_step(input, self.weight, self.bias):
             return super().forward(input)
         self._check_input_dim(input)
-        momentum = self._momentum()
+        momentum = self._track_batch()
         plan, obs = self.aq_scheme.plan(input)
         return BatchNormFunction.apply(input, self.weight, self.bias, *self._running(), momentum, self.eps,
                                        plan, obs)
@@ -78,7 +78,7 @@ class QSyncBatchNorm(_QBatchNorm, _BatchNorm):
             return super().forward(input)
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        momentum = self._momentum()
+        momentum = self._track_batch()
         training_step = self._training_step(input, self.weight, self.bias)
         plan, obs = self.aq_scheme.plan(input) if training_step else (EXACT, None)
         return SyncBatchNormFunction.apply(input, self.weight, self.bias, *self._running(), momentum, self.eps,
