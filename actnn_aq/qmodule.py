@@ -59,8 +59,7 @@ class QModule(nn.Module):
         config: QuantizationConfig = snapshot()
         self.model = model
         self.controller = Controller(config)
-        self.converted = convert(model, self.controller)
-        if not self.converted:
+        if not convert(model, self.controller):
             raise ValueError(f"QModule found nothing to convert in {type(model).__name__}; it converts "
                              f"{', '.join(sorted(t.__name__ for t in CONVERSIONS))}")
         if config.expandable_segments:

@@ -135,6 +135,7 @@ SETTINGS = [
     ("exact", None, {}),
     ("L0", "L0", {}),
     ("8 bit (L2)", "L2", dict(bit=8)),
+    ("4 bit, BN stock (L1)", "L1", {}),
     ("4 bit (L2)", "L2", {}),
     ("2 bit (L2)", "L2", dict(bit=2)),
     ("1 bit (L2)", "L2", dict(bit=1)),

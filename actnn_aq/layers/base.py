@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from ..settings import snapshot
 from ..saved import Plan
 from ..scheme import Controller, LayerScheme, Observation
+from ..settings import snapshot
 
 
 class QLayer:
