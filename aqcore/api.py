@@ -6,6 +6,7 @@ from typing import Sequence
 import torch
 
 from . import reference
+from .errors import ERROR_LEVELS, level_errors
 from .format import KIND_BITS, KIND_CODES, KIND_RAW, CompressedTensor
 from .levels import Level, parse_level
 
@@ -75,32 +76,58 @@ def pack_mask(mask: torch.Tensor) -> CompressedTensor:
     for 0/1 data (any nonzero byte reads back as 1)."""
     if mask.dtype not in (torch.bool, torch.uint8):
         raise TypeError(f"pack_mask takes bool or uint8 0/1 tensors, not {mask.dtype}")
-    packed = reference.pack_bits(mask.contiguous() != 0)
+    flat = mask.contiguous()
+    packed = _backend(mask.device).pack_bits(flat if flat.dtype == torch.bool else flat != 0)
     return CompressedTensor(KIND_BITS, packed, torch.empty(0), mask.shape, mask.dtype, (),
                             0, DEFAULT_GROUP_SIZE, tuple(range(mask.dim())))
 
 
+def _compress_rows(rows: torch.Tensor, levels: tuple[Level, ...], seed: int, group_size: int,
+                   errors: bool):
+    """(payload, meta, errors or None) from the backend of rows' device."""
+    backend = _backend(rows.device)
+    if not errors:
+        return (*backend.compress_rows(rows, levels, seed, group_size), None)
+    if backend is reference:
+        payload, meta = reference.compress_rows(rows, levels, seed, group_size)
+        return payload, meta, level_errors(rows, group_size)
+    return backend.compress_rows_with_errors(rows, levels, seed, group_size)
+
+
 def compress(x: torch.Tensor, level: "LevelSpec | Sequence[LevelSpec]", seed: int = 0,
-             group_size: int = DEFAULT_GROUP_SIZE) -> CompressedTensor:
+             group_size: int = DEFAULT_GROUP_SIZE, *, errors: bool = False):
     """Compress x at a level ("aq0.25" ... "32"), or one level per row of dim 0.
 
     Floating tensors (fp32/fp16/bf16) are quantized; bool tensors are packed at one bit;
     other tensors (integer, complex, sparse) and empty ones are held as they are.
+
+    errors=True returns (CompressedTensor, errors): errors.level_errors of x's rows (in
+    memory order, one row per level given), a (rows, len(ERROR_LEVELS)) float32 tensor the
+    bit-allocation solver prices levels with, or None for tensors that are not floating.
+    On CUDA with group_size 256 they come from the compression pass itself.
     """
     _check_group_size(group_size)
     levels = _parse_levels(level, x)
     seed = int(seed) & ((1 << 64) - 1)
     if x.layout != torch.strided or x.dtype not in FLOAT_DTYPES:
         if x.layout == torch.strided and x.dtype == torch.bool:
-            return pack_mask(x)
-        return _raw(x, None, seed, group_size)
+            ct = pack_mask(x)
+        else:
+            ct = _raw(x, None, seed, group_size)
+        return (ct, None) if errors else ct
     if x.numel() == 0 or (len(levels) == 1 and levels[0].is_raw):
-        return _raw(x, levels[0] if len(levels) == 1 else None, seed, group_size)
+        ct = _raw(x, levels[0] if len(levels) == 1 else None, seed, group_size)
+        if not errors:
+            return ct
+        if x.numel() == 0:
+            return ct, torch.zeros(len(levels), len(ERROR_LEVELS), device=x.device)
+        return ct, level_errors(_memory_order(x, 1)[0].reshape(1, -1), group_size)
     ordered, perm = _memory_order(x, len(levels))
     rows = ordered.view(len(levels), -1)
-    payload, meta = _backend(x.device).compress_rows(rows, levels, seed, group_size)
-    return CompressedTensor(KIND_CODES, payload, meta, x.shape, x.dtype, levels, seed,
-                            group_size, perm)
+    payload, meta, errs = _compress_rows(rows, levels, seed, group_size, errors)
+    ct = CompressedTensor(KIND_CODES, payload, meta, x.shape, x.dtype, levels, seed,
+                          group_size, perm)
+    return (ct, errs) if errors else ct
 
 
 def _permuted_empty(ct: CompressedTensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +147,7 @@ def decompress(ct: CompressedTensor, out: torch.Tensor | None = None) -> torch.T
         result = ct.payload if ct.payload.dtype == ct.dtype else ct.payload.to(ct.dtype)
         return out.copy_(result) if out is not None else result
     if ct.kind == KIND_BITS:
-        values = reference.unpack_bits(ct.payload, ct.shape.numel()).view(ct.shape)
+        values = _backend(ct.device).unpack_bits(ct.payload, ct.shape.numel()).view(ct.shape)
         values = values.to(ct.dtype)
         return out.copy_(values) if out is not None else values
     if out is None:

@@ -1,7 +1,235 @@
-"""CUDA kernels for compress_rows / decompress_rows (same signatures as reference.py)."""
+"""CUDA kernels for compress_rows / decompress_rows / pack_bits / unpack_bits.
+
+Same signatures and bytes as reference.py. The sources in aqcore/csrc are compiled with
+ninja on first use, for the GPU present, and cached (the build's name hashes the sources,
+the target and the PyTorch/CUDA versions, so edits rebuild). Processes starting together
+share one build through PyTorch's lock file in the build directory (DDP ranks).
+Without a GPU, a CUDA toolkit or ninja, available() is False, aqcore uses the reference
+implementation and one warning says why.
+"""
 from __future__ import annotations
+
+import functools
+import hashlib
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import noise
+from .errors import ERROR_LEVELS, level_errors
+from .format import ROW_ALIGN, RowLayout, row_bytes, row_layout
+from .levels import Level
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+FAST_GROUP_SIZE = 256   # the group size the fast kernels (and fused error statistics) serve
+TILE_GROUPS = 8         # a kernel tile: 8 groups of raw values of one row
+_LEVEL_IDS = {(8, 1): 0, (4, 1): 1, (2, 1): 2, (1, 1): 3, (2, 2): 4, (2, 4): 5, (2, 8): 6}
+_STAT_COLUMN = {key: column for column, key in enumerate(_LEVEL_IDS)}  # kernel column order
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    """What build() produced: the extension's name, CUDA targets, directory and time."""
+
+    name: str
+    arch: str
+    directory: Path
+    seconds: float
+    cached: bool
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernels cannot be built here, or None; cheap (never compiles)."""
+    if torch.version.cuda is None:
+        return "this PyTorch build has no CUDA support"
+    if not torch.cuda.is_available():
+        return "no CUDA GPU is visible"
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME is None:
+        return "the CUDA toolkit (nvcc) was not found; install it or set CUDA_HOME"
+    if not cpp_extension.is_ninja_available():
+        return "ninja was not found; pip install ninja"
+    return None
+
+
+def _arch() -> str:
+    """TORCH_CUDA_ARCH_LIST if the user set it, else the current GPU's compute capability."""
+    chosen = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if chosen:
+        return chosen
+    major, minor = torch.cuda.get_device_capability()
+    return f"{major}.{minor}"
+
+
+def _build_name(arch: str) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(CSRC.iterdir()):
+        if path.suffix in (".cu", ".cuh", ".h", ".cpp"):
+            digest.update(path.name.encode() + path.read_bytes())
+    digest.update(f"{arch}|{torch.__version__}|{torch.version.cuda}".encode())
+    return f"aqcore_kernels_{digest.hexdigest()[:16]}"
+
+
+def build(verbose: bool = False):
+    """Compile (or load the cached build of) the extension; returns (module, BuildInfo)."""
+    from torch.utils import cpp_extension
+
+    arch = _arch()
+    name = _build_name(arch)
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+    directory = root / name
+    directory.mkdir(parents=True, exist_ok=True)
+    cached = any(directory.glob(f"{name}*.so")) or any(directory.glob(f"{name}*.pyd"))
+    previous = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = arch
+    start = time.perf_counter()
+    try:
+        module = cpp_extension.load(
+            name=name,
+            sources=[str(p) for p in sorted(CSRC.glob("*.cu")) + sorted(CSRC.glob("*.cpp"))],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=["-O3", "-lineinfo"],
+            build_directory=str(directory),
+            verbose=verbose,
+        )
+    finally:
+        if previous is None:
+            del os.environ["TORCH_CUDA_ARCH_LIST"]
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = previous
+    return module, BuildInfo(name, arch, directory, time.perf_counter() - start, cached)
+
+
+def _last_lines(text: str, count: int = 30) -> str:
+    return "\n".join(text.strip().splitlines()[-count:])
+
+
+@functools.lru_cache(maxsize=None)
+def _extension():
+    """The loaded extension, or None after warning once why the reference path is used."""
+    reason = unavailable_reason()
+    if reason is None:
+        try:
+            return build()[0]
+        except Exception as exc:  # any build or load failure falls back to the reference
+            reason = f"building the CUDA kernels failed:\n{_last_lines(str(exc))}"
+    warnings.warn(f"aqcore uses its reference implementation on CUDA tensors: {reason} "
+                  "(`python -m aqcore.build` reports the details)", RuntimeWarning, stacklevel=3)
+    return None
 
 
 def available() -> bool:
-    """Whether the CUDA extension is built and loadable here."""
-    return False
+    """Whether the kernels are built and loadable here (builds them on first call)."""
+    return _extension() is not None
+
+
+def _level_id(level: Level) -> int:
+    try:
+        return _LEVEL_IDS[(level.bits, level.avg)]
+    except KeyError:
+        raise ValueError(f"the kernels compress quantized levels only, not {level}") from None
+
+
+def _to_device(values: list[list[int]], device: torch.device) -> torch.Tensor:
+    table = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cuda":  # pinned + non_blocking: no host sync in the forward pass
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
+
+
+def _row_plan(levels: Sequence[Level], row_numel: int, group_size: int, device: torch.device):
+    """(layout, table, level, row_bytes, row_groups): where the kernels find each row.
+
+    One level for all rows: strides, no table. Mixed levels: a per-row table of
+    (level id, byte offset, group offset) following format.row_layout.
+    """
+    layout: RowLayout = row_layout(levels, row_numel, group_size)
+    ids = [_level_id(level) for level in levels]
+    if len(set(ids)) == 1:
+        rows = len(levels)
+        return layout, None, ids[0], layout.total_bytes // rows, layout.total_groups // rows
+    table = [[i, b, g] for i, b, g in zip(ids, layout.byte_offsets, layout.group_offsets)]
+    return layout, _to_device(table, device), -1, 0, 0
+
+
+def _signed64(seed: int) -> int:
+    seed &= (1 << 64) - 1
+    return seed - (1 << 64) if seed >= 1 << 63 else seed
+
+
+def _compress(rows: torch.Tensor, levels: Sequence[Level], seed: int, group_size: int,
+              errors: bool):
+    ops = _extension()
+    rows = rows.contiguous()
+    n_rows, row_numel = rows.shape
+    layout, table, level, stride, groups = _row_plan(levels, row_numel, group_size, rows.device)
+    padded = any(row_bytes(l, row_numel, group_size) % ROW_ALIGN for l in set(levels))
+    payload = (torch.zeros if padded else torch.empty)(layout.total_bytes, dtype=torch.uint8,
+                                                       device=rows.device)
+    meta = torch.empty(layout.total_groups, 2, dtype=torch.bfloat16, device=rows.device)
+    fused = errors and group_size == FAST_GROUP_SIZE
+    stats = None
+    if fused:
+        tiles = n_rows * math.ceil(row_numel / (TILE_GROUPS * group_size))
+        stats = torch.empty(tiles, len(_LEVEL_IDS), dtype=torch.float32, device=rows.device)
+    ops.compress(rows, payload, meta, table, stats, level, group_size, _signed64(seed),
+                 noise.stream_key(seed), stride, groups)
+    if not errors:
+        return payload, meta, None
+    if fused:
+        columns = [_STAT_COLUMN[(l.bits, l.avg)] for l in ERROR_LEVELS]
+        return payload, meta, stats.view(n_rows, -1, len(_LEVEL_IDS)).sum(1)[:, columns]
+    return payload, meta, level_errors(rows, group_size)
+
+
+def compress_rows(rows: torch.Tensor, levels: Sequence[Level], seed: int,
+                  group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress (R, F) values, row r at levels[r] -> (payload uint8, meta bfloat16 (groups, 2))."""
+    payload, meta, _ = _compress(rows, levels, seed, group_size, errors=False)
+    return payload, meta
+
+
+def compress_rows_with_errors(rows: torch.Tensor, levels: Sequence[Level], seed: int,
+                              group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """compress_rows plus errors.level_errors(rows, group_size), from the same pass over the
+    values when group_size is 256 (else level_errors runs as a second pass)."""
+    return _compress(rows, levels, seed, group_size, errors=True)
+
+
+def decompress_rows(payload: torch.Tensor, meta: torch.Tensor, levels: Sequence[Level],
+                    group_size: int, out: torch.Tensor) -> torch.Tensor:
+    """Write the (R, F) values of a compress_rows result into out (float32/16, bfloat16)."""
+    ops = _extension()
+    target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype,
+                                                         device=out.device)
+    _, table, level, stride, groups = _row_plan(levels, out.shape[1], group_size, out.device)
+    ops.decompress(payload.contiguous(), meta.contiguous(), target, table, level, group_size,
+                   stride, groups)
+    if target is not out:
+        out.copy_(target)
+    return out
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Flat 0/1 (bool) tensor -> uint8, value i at bit i % 8 of byte i // 8 (nonzero -> 1)."""
+    flat = mask.reshape(-1)
+    if flat.dtype not in (torch.bool, torch.uint8):
+        flat = flat != 0
+    flat = flat.contiguous()
+    out = torch.empty((flat.numel() + 7) // 8, dtype=torch.uint8, device=flat.device)
+    _extension().pack_bits(flat, out)
+    return out
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of pack_bits -> flat bool tensor of numel values."""
+    out = torch.empty(numel, dtype=torch.bool, device=packed.device)
+    _extension().unpack_bits(packed.contiguous(), out)
+    return out

@@ -1,0 +1,598 @@
+// Fused compression: one pass reads each value once and writes codes + bf16 metadata.
+//
+// Work is cut into tiles of 8 * group_size raw values of one row (one aq0.25 group, or
+// eight plain groups), one warp per tile, so every row has the same number of tiles
+// whatever its level and rows of different levels share one launch. For group_size 256
+// (compress_tiles) a lane holds 16-byte pieces of the tile in registers: piece p of a
+// step covers raw values [16 p, 16 p + 16) bytes, so loads are coalesced and a lane's
+// codes are consecutive. Other group sizes use compress_generic (two passes over each
+// group, the second from cache).
+#pragma once
+
+#include "aq_common.cuh"
+
+namespace aq {
+
+struct RowInfo {
+  int level;
+  int64_t byte_off;
+  int64_t group_off;
+};
+
+AQ_DEV RowInfo row_info(const int64_t* table, int level, int64_t row_bytes, int64_t row_groups,
+                        int64_t row) {
+  if (table != nullptr) {
+    return {static_cast<int>(table[3 * row]), table[3 * row + 1], table[3 * row + 2]};
+  }
+  return {level, row * row_bytes, row * row_groups};
+}
+
+// Row and tile-in-row of a warp's tile; 64-bit division (~70 instructions) only when needed.
+AQ_DEV void split_tile(int64_t tile, int64_t tiles_per_row, int64_t& row, int64_t& t) {
+  if (tile < tiles_per_row) {
+    row = 0;
+  } else if (tile <= 0xffffffffll && tiles_per_row <= 0xffffffffll) {
+    row = static_cast<uint32_t>(tile) / static_cast<uint32_t>(tiles_per_row);
+  } else {
+    row = tile / tiles_per_row;
+  }
+  t = tile - row * tiles_per_row;
+}
+
+struct Tile {
+  int lane;
+  int64_t t;          // tile number within the row
+  int64_t F;          // row length
+  int64_t idx_row;    // row * F: absolute code index of the row's first code slot
+  RowInfo ri;
+};
+
+// Quantization mode of a group, uniform over the warp.
+enum Mode : int { kNonFinite = 0, kFlat = 1, kFast = 2, kFastZero = 3, kExact = 4 };
+
+// Writes the codes of one piece: `bits` holds its CU codes (b bits each, first code in the
+// lowest bits); with P = 2 only odd lanes hold a code.
+template <int B, int CU, int P, class Bits>
+AQ_DEV void store_codes(uint8_t* group_bytes, int piece, int lane, Bits bits) {
+  constexpr int WB = CU * B / P;  // payload bits per piece
+  if constexpr (P == 1 && CU * B >= 8) {
+    constexpr int NB = CU * B / 8;
+    uint8_t* dst = group_bytes + piece * NB;
+    if constexpr (NB == 1) *dst = static_cast<uint8_t>(bits);
+    else if constexpr (NB == 2) *reinterpret_cast<uint16_t*>(dst) = static_cast<uint16_t>(bits);
+    else if constexpr (NB == 4) *reinterpret_cast<uint32_t*>(dst) = static_cast<uint32_t>(bits);
+    else *reinterpret_cast<uint64_t*>(dst) = static_cast<uint64_t>(bits);
+  } else {
+    constexpr int LPB = 8 * P / (CU * B);  // lanes sharing one byte
+    static_assert(WB * LPB == 8 || P == 2, "byte assembly");
+    const int shift = ((lane % LPB) / P) * (CU * B);
+    uint32_t v = (P == 1 || (lane & 1)) ? (static_cast<uint32_t>(bits) << shift) : 0u;
+    v = or_lanes(v, LPB);
+    if (lane % LPB == 0) group_bytes[piece / LPB] = static_cast<uint8_t>(v);
+  }
+}
+
+// Compresses the groups of level (B, K) inside one tile whose raw pieces are in `raw`.
+template <int DT, int B, int K, int TS>
+AQ_DEV void compress_tile(uint4 (&raw)[TS], const Tile& c, const CompressParams& p) {
+  constexpr int VU = Elem<DT>::per_piece;
+  constexpr int CU = VU >= K ? VU / K : 1;            // codes per piece
+  constexpr int P = K > VU ? K / VU : 1;              // pieces per code
+  constexpr int SG = kFastGroup * K / (32 * VU);      // steps per group
+  constexpr int NG = kTileGroups / K;                 // groups per tile
+  constexpr int M = ilog2(NG);
+  constexpr int LPG = 32 >> M;                        // lanes per group after the reduction
+  constexpr int NC = SG * CU;                         // code slots per lane per group
+  using Bits = typename std::conditional<(CU * B > 32), uint64_t, uint32_t>::type;
+  static_assert(NG * SG == TS, "a tile holds whole groups");
+  static_assert(P <= 2, "a code spans at most two pieces");
+
+  const int lane = c.lane;
+  const int64_t ncodes = (c.F + K - 1) / K;
+  const int64_t gpr = (ncodes + kFastGroup - 1) / kFastGroup;
+  const int64_t g0 = c.t * NG;
+  const int ng = static_cast<int>(gpr - g0 < NG ? gpr - g0 : NG);
+  const int64_t code0 = g0 * kFastGroup;  // first code of the tile in the row
+  const bool full = code0 + NG * kFastGroup <= ncodes;
+
+  // Code slot k = s * CU + cc of group gi: its index inside the group.
+  auto slot_code = [&](int s, int cc) -> int {
+    return P == 1 ? (s * 32 + lane) * CU + cc : (s * 32 + lane) / 2;
+  };
+
+  // 1. Values of the codes: the raw values (K = 1) or their run averages.
+  float avg[K > 1 ? NG : 1][K > 1 ? NC : 1];
+  if constexpr (K > 1) {
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+#pragma unroll
+      for (int s = 0; s < SG; ++s) {
+        const uint4& r = raw[gi * SG + s];
+#pragma unroll
+        for (int cc = 0; cc < CU; ++cc) {
+          float total;
+          if constexpr (P == 1) {
+            total = elem<DT>(r, cc * K);
+#pragma unroll
+            for (int i = 1; i < K; ++i) total = __fadd_rn(total, elem<DT>(r, cc * K + i));
+          } else {
+            float half = elem<DT>(r, 0);
+#pragma unroll
+            for (int i = 1; i < VU; ++i) half = __fadd_rn(half, elem<DT>(r, i));
+            total = __shfl_xor_sync(kFull, half, 1);  // the even lane's first half
+#pragma unroll
+            for (int i = 0; i < VU; ++i) total = __fadd_rn(total, elem<DT>(r, i));
+          }
+          const int64_t j = code0 + gi * kFastGroup + slot_code(s, cc);
+          const int64_t count = c.F - j * K;
+          float v;
+          if (full || count >= K) {
+            v = __fmul_rn(total, 1.0f / K);  // == total / K: K is a power of two
+          } else {
+            v = __fdiv_rn(total, static_cast<float>(count > 0 ? count : 1));
+          }
+          if constexpr (P == 2) {
+            const float other = __shfl_xor_sync(kFull, v, 1);
+            v = (lane & 1) ? v : other;  // both lanes of the pair hold the code's value
+          }
+          avg[gi][s * CU + cc] = v;
+        }
+      }
+    }
+  }
+  auto value = [&](int gi, int s, int cc) -> float {
+    if constexpr (K == 1) {
+      return elem<DT>(raw[gi * SG + s], cc);
+    } else {
+      return avg[gi][s * CU + cc];
+    }
+  };
+
+  // 2. In the row's last tile, slots past the last code take the group's first value,
+  //    as the reference pads groups, so they change no reduction.
+  if (!full) {
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+      if constexpr (K == 1) {
+        const uint32_t first = __shfl_sync(kFull, elem_bits<DT>(raw[gi * SG], 0), 0);
+#pragma unroll
+        for (int s = 0; s < SG; ++s) {
+#pragma unroll
+          for (int cc = 0; cc < CU; ++cc) {
+            if (code0 + gi * kFastGroup + slot_code(s, cc) >= ncodes) {
+              set_elem_bits<DT>(raw[gi * SG + s], cc, first);
+            }
+          }
+        }
+      } else {
+        const float first = __shfl_sync(kFull, avg[gi][0], 0);
+#pragma unroll
+        for (int s = 0; s < SG; ++s) {
+#pragma unroll
+          for (int cc = 0; cc < CU; ++cc) {
+            if (code0 + gi * kFastGroup + slot_code(s, cc) >= ncodes) avg[gi][s * CU + cc] = first;
+          }
+        }
+      }
+    }
+  }
+
+  // 3. Range of every group; lane afterwards owns group gq.
+  const int gq = lane >> (5 - M);
+  float lo, hi;
+  if constexpr (K == 1 && DT != kF32) {
+    uint32_t red[NG];  // per group: (min, -max) as a 16-bit pair
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+      uint32_t mn = raw[gi * SG].x, mx = raw[gi * SG].x;
+#pragma unroll
+      for (int s = 0; s < SG; ++s) {
+#pragma unroll
+        for (int w = 0; w < 4; ++w) {
+          if (s == 0 && w == 0) continue;
+          const uint32_t x = word(raw[gi * SG + s], w);
+          mn = min2_nan<DT>(mn, x);
+          mx = max2_nan<DT>(mx, x);
+        }
+      }
+      const uint32_t nx = neg2(mx);
+      const uint32_t lows = (mn & 0xffffu) | (nx << 16);
+      const uint32_t highs = (mn >> 16) | (nx & 0xffff0000u);
+      red[gi] = min2_nan<DT>(lows, highs);
+    }
+    const uint32_t r = transpose_reduce<M>(red, lane, [](uint32_t a, uint32_t b) {
+      return min2_nan<DT>(a, b);
+    });
+    lo = half16_to_float<DT>(r & 0xffffu);
+    hi = -half16_to_float<DT>(r >> 16);
+  } else {
+    float mn[NG], nx[NG];
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+      mn[gi] = value(gi, 0, 0);
+      nx[gi] = -mn[gi];
+#pragma unroll
+      for (int s = 0; s < SG; ++s) {
+#pragma unroll
+        for (int cc = 0; cc < CU; ++cc) {
+          if (s == 0 && cc == 0) continue;
+          const float v = value(gi, s, cc);
+          mn[gi] = min_nan(mn[gi], v);
+          nx[gi] = min_nan(nx[gi], -v);
+        }
+      }
+    }
+    auto op = [](float a, float b) { return min_nan(a, b); };
+    lo = transpose_reduce<M>(mn, lane, op);
+    hi = -transpose_reduce<M>(nx, lane, op);
+  }
+
+  // 4. Metadata of the lane's group (reference.group_meta).
+  const bool exists = gq < ng;
+  const bool finite = ((__float_as_uint(lo) & 0x7f800000u) != 0x7f800000u) &&
+                      ((__float_as_uint(hi) & 0x7f800000u) != 0x7f800000u);
+  const bool keep_zero = finite && B >= 2 && lo == 0.0f;
+  if (__any_sync(kFull, keep_zero && exists)) {
+    float pm[NG];
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+      pm[gi] = __uint_as_float(0x7f800000u);
+#pragma unroll
+      for (int s = 0; s < SG; ++s) {
+#pragma unroll
+        for (int cc = 0; cc < CU; ++cc) {
+          const float v = value(gi, s, cc);
+          if (v > 0.0f) pm[gi] = min_nan(pm[gi], v);
+        }
+      }
+    }
+    const float pmin = transpose_reduce<M>(pm, lane, [](float a, float b) { return min_nan(a, b); });
+    if (keep_zero && pmin != __uint_as_float(0x7f800000u)) lo = pmin;
+  }
+  const float lo_r = bf16_round(lo, false);
+  const float hi_r = bf16_round(hi, true);
+  const bool zero_form = keep_zero || lo_r == hi_r;
+  const float m0 = zero_form ? hi_r : lo_r;
+  const float m1 = zero_form ? lo_r : hi_r;
+  if (exists && (lane & (LPG - 1)) == 0) {
+    p.meta[c.ri.group_off + g0 + gq] = finite ? meta_word(m0, m1) : kNanMeta;
+  }
+  const GroupParams mine = params_from_meta(m0, m1, B);
+  const bool hash_fast = (static_cast<uint32_t>(c.idx_row) & (CU - 1)) == 0;
+  int mode;
+  if (!finite) {
+    mode = kNonFinite;
+  } else if (!(mine.span > 0.0f)) {
+    mode = kFlat;
+  } else if (hash_fast && mine.span < __uint_as_float(0x7f800000u) &&
+             mine.scale < __uint_as_float(0x7f800000u)) {
+    mode = zero_form ? kFastZero : kFast;
+  } else {
+    mode = kExact;
+  }
+
+  // 5. Per group: rounding, packing, stores.
+#pragma unroll
+  for (int gi = 0; gi < NG; ++gi) {
+    if (gi >= ng) break;
+    const int src = gi * LPG;
+    GroupParams g;
+    int gmode;
+    if constexpr (M == 0) {
+      g = mine;
+      gmode = mode;
+    } else {
+      g.base = __shfl_sync(kFull, mine.base, src);
+      g.scale = __shfl_sync(kFull, mine.scale, src);
+      const uint32_t flags = __shfl_sync(kFull, mine.levels | (zero_form ? 256u : 0u) |
+                                                    (static_cast<uint32_t>(mode) << 9), src);
+      g.levels = flags & 255u;
+      g.zero_form = (flags & 256u) != 0;
+      g.span = __shfl_sync(kFull, mine.span, src);
+      gmode = static_cast<int>(flags >> 9);
+    }
+    const int64_t group = g0 + gi;
+    uint8_t* bytes = p.payload + c.ri.byte_off + group * (kFastGroup * B / 8);
+    const GroupKeys keys = group_keys(static_cast<uint64_t>(c.idx_row + group * kFastGroup),
+                                      p.big != 0, p.seed, p.key0);
+    const int64_t left = ncodes - (code0 + gi * kFastGroup);  // valid codes from group start
+
+    auto emit = [&](auto mode_tag) {
+      constexpr int MODE = decltype(mode_tag)::value;
+#pragma unroll
+      for (int s = 0; s < SG; ++s) {
+        const int piece = s * 32 + lane;
+        const int first = slot_code(s, 0);
+        Bits bits = 0;
+        if constexpr (MODE == kFast || MODE == kFastZero) {
+          const uint32_t lo_first = keys.lo0 + static_cast<uint32_t>(first);
+          const uint32_t key = lo_first < keys.lo0 ? keys.key_b : keys.key_a;
+          // mix32's first round folded: the CU codes share lo >> 16 and need no carry.
+          const uint32_t a = lo_first ^ key ^ (key >> 16) ^ (lo_first >> 16);
+#pragma unroll
+          for (int cc = 0; cc < CU; ++cc) {
+            const float v = value(gi, s, cc);
+            const uint32_t h = mix_finish(a ^ static_cast<uint32_t>(cc));
+            const float x = add_noise(__fmul_rn(__fsub_rn(v, g.base), g.scale), h);
+            // floor(x) for 0 <= x < 2^23 by a round-down add of 2^23; garbage (clamped,
+            // then dropped) only for the zeros of zero-keeping groups.
+            uint32_t q = __float_as_uint(__fadd_rd(x, 8388608.0f)) - 0x4b000000u;
+            q = q < g.levels ? q : g.levels;
+            if constexpr (MODE == kFastZero) q = v == 0.0f ? 0u : q + 1u;
+            bits += static_cast<Bits>(q) * (Bits(1) << (cc * B));  // disjoint bits: an IMAD
+          }
+        } else if constexpr (MODE == kExact) {
+#pragma unroll
+          for (int cc = 0; cc < CU; ++cc) {
+            const uint32_t h = noise_hash(keys, static_cast<uint32_t>(first + cc));
+            bits |= static_cast<Bits>(quantize_exact(value(gi, s, cc), g, h)) << (cc * B);
+          }
+        } else if constexpr (MODE == kFlat) {
+#pragma unroll
+          for (int cc = 0; cc < CU; ++cc) {
+            const uint32_t q = (g.zero_form && value(gi, s, cc) != 0.0f) ? 1u : 0u;
+            bits |= static_cast<Bits>(q) << (cc * B);
+          }
+        }
+        if (!full) {  // codes past the row's last code are zero
+          const int64_t n = left - first;
+          if (n < CU) {
+            bits = n <= 0 ? Bits(0) : (bits & ((Bits(1) << (n * B)) - 1));
+          }
+        }
+        store_codes<B, CU, P>(bytes, piece, lane, bits);
+      }
+    };
+    switch (gmode) {
+      case kNonFinite: emit(std::integral_constant<int, kNonFinite>{}); break;
+      case kFlat: emit(std::integral_constant<int, kFlat>{}); break;
+      case kFast: emit(std::integral_constant<int, kFast>{}); break;
+      case kFastZero: emit(std::integral_constant<int, kFastZero>{}); break;
+      default: emit(std::integral_constant<int, kExact>{}); break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------
+// Error-model partials of one tile (errors.level_errors), from the registers already
+// loaded: plain groups' n R^2, AQ run deviation energy and n R^2 over groups of averages.
+
+template <int DT, int K, int TS>
+AQ_DEV void aq_tile_stats(const uint4 (&raw)[TS], int lane, int64_t v0, int64_t F, float& dev,
+                          float& spread) {
+  constexpr int VU = Elem<DT>::per_piece;
+  constexpr int CU = VU >= K ? VU / K : 1;
+  constexpr int P = K > VU ? K / VU : 1;
+  constexpr int NG = kTileGroups / K;  // groups of 256 averages per tile
+  constexpr int M = ilog2(NG);
+  constexpr int SG = TS / NG;
+  const float inf = __uint_as_float(0x7f800000u);
+  float mn[NG], nx[NG];
+  float d = 0.0f;
+#pragma unroll
+  for (int gi = 0; gi < NG; ++gi) {
+    mn[gi] = inf;
+    nx[gi] = inf;
+#pragma unroll
+    for (int s = 0; s < SG; ++s) {
+      const uint4& r = raw[gi * SG + s];
+      const int64_t piece_first = v0 + static_cast<int64_t>((gi * SG + s) * 32 + lane) * VU;
+      auto x = [&](int e) { return elem<DT>(r, e); };  // +0.0 past the row end
+#pragma unroll
+      for (int cc = 0; cc < CU; ++cc) {
+        float total;
+        int64_t start;
+        if constexpr (P == 1) {
+          start = piece_first + cc * K;
+          total = x(cc * K);
+#pragma unroll
+          for (int i = 1; i < K; ++i) total = __fadd_rn(total, x(cc * K + i));
+        } else {
+          start = piece_first - (lane & 1) * VU;
+          float half = x(0);
+#pragma unroll
+          for (int i = 1; i < VU; ++i) half = __fadd_rn(half, x(i));
+          total = __shfl_xor_sync(kFull, half, 1);
+#pragma unroll
+          for (int i = 0; i < VU; ++i) total = __fadd_rn(total, x(i));
+        }
+        const int64_t count = F - start;
+        float mean = count >= K ? __fmul_rn(total, 1.0f / K)
+                                : __fdiv_rn(total, static_cast<float>(count > 0 ? count : 1));
+        if constexpr (P == 2) {
+          const float other = __shfl_xor_sync(kFull, mean, 1);
+          mean = (lane & 1) ? mean : other;
+        }
+        if (count > 0) {
+          mn[gi] = min_nan(mn[gi], mean);
+          nx[gi] = min_nan(nx[gi], -mean);
+        }
+        if constexpr (K > 1) {
+          constexpr int NV = P == 1 ? K : VU;  // values of this run held by this lane
+#pragma unroll
+          for (int i = 0; i < NV; ++i) {
+            const int e = P == 1 ? cc * K + i : i;
+            if (piece_first + e < F) {
+              const float dx = __fsub_rn(x(e), mean);
+              d = __fmaf_rn(dx, dx, d);
+            }
+          }
+        }
+      }
+    }
+  }
+  auto op = [](float a, float b) { return min_nan(a, b); };
+  const float lo = transpose_reduce<M>(mn, lane, op);
+  const float hi = -transpose_reduce<M>(nx, lane, op);
+  const int gq = lane >> (5 - M);
+  const int64_t n = (F + K - 1) / K - (v0 / K + static_cast<int64_t>(gq) * kFastGroup);
+  const float range = __fsub_rn(hi, lo);
+  const bool owner = (lane & ((32 >> M) - 1)) == 0 && n > 0;
+  const float nn = static_cast<float>(n < kFastGroup ? n : kFastGroup);
+  spread = warp_sum(owner ? __fmul_rn(__fmul_rn(range, range), nn) : 0.0f);
+  dev = warp_sum(d);
+}
+
+template <int DT, int TS>
+AQ_DEV void tile_stats(const uint4 (&raw)[TS], int lane, int64_t v0, int64_t F, float* out) {
+  float unused, dev2, dev4, dev8, plain, sp2, sp4, sp8;
+  aq_tile_stats<DT, 1>(raw, lane, v0, F, unused, plain);
+  aq_tile_stats<DT, 2>(raw, lane, v0, F, dev2, sp2);
+  aq_tile_stats<DT, 4>(raw, lane, v0, F, dev4, sp4);
+  aq_tile_stats<DT, 8>(raw, lane, v0, F, dev8, sp8);
+  if (lane < kStatColumns) {
+    // plain b bits: n R^2 / (6 (2^b - 1)^2); AQ k: D_k + k n R^2 / (6 * 3^2)
+    float v;
+    if (lane == 0) v = __fdiv_rn(plain, 390150.0f);
+    else if (lane == 1) v = __fdiv_rn(plain, 1350.0f);
+    else if (lane == 2) v = __fdiv_rn(plain, 54.0f);
+    else if (lane == 3) v = __fdiv_rn(plain, 6.0f);
+    else if (lane == 4) v = __fadd_rn(dev2, __fmul_rn(2.0f, __fdiv_rn(sp2, 54.0f)));
+    else if (lane == 5) v = __fadd_rn(dev4, __fmul_rn(4.0f, __fdiv_rn(sp4, 54.0f)));
+    else v = __fadd_rn(dev8, __fmul_rn(8.0f, __fdiv_rn(sp8, 54.0f)));
+    out[lane] = v;
+  }
+}
+
+// ---------------------------------------------------------------------------------
+
+template <int DT, bool STATS>
+__global__ void __launch_bounds__(32 * kWarpsPerBlock) compress_tiles(CompressParams p) {
+  constexpr int VU = Elem<DT>::per_piece;
+  constexpr int TS = kTileGroups * kFastGroup / (32 * VU);
+  const int lane = threadIdx.x & 31;
+  const int64_t tile = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (tile >= p.rows * p.tiles_per_row) return;
+  Tile c;
+  c.lane = lane;
+  int64_t row;
+  split_tile(tile, p.tiles_per_row, row, c.t);
+  c.F = p.row_numel;
+  c.idx_row = row * p.row_numel;
+  c.ri = row_info(p.table, p.level, p.row_bytes, p.row_groups, row);
+  const char* rowp = static_cast<const char*>(p.in) + c.idx_row * Elem<DT>::size;
+  const bool aligned = (reinterpret_cast<uintptr_t>(rowp) & 15) == 0;
+  const int64_t v0 = c.t * (kTileGroups * kFastGroup);
+  const bool whole = aligned && v0 + kTileGroups * kFastGroup <= c.F;
+  uint4 raw[TS];
+#pragma unroll
+  for (int s = 0; s < TS; ++s) {
+    raw[s] = load_piece<DT>(rowp, v0 + static_cast<int64_t>(s * 32 + lane) * VU, c.F, aligned,
+                            whole);
+  }
+  // Statistics first: compression then consumes (and in the last tile pads) the registers.
+  if constexpr (STATS) tile_stats<DT>(raw, lane, v0, c.F, p.stats + tile * kStatColumns);
+  with_level(c.ri.level, [&](auto L) {
+    compress_tile<DT, decltype(L)::bits, decltype(L)::avg>(raw, c, p);
+  });
+}
+
+// ---------------------------------------------------------------------------------
+// Any group size (a multiple of 32): one code per lane and step, two passes per group.
+
+template <int DT, int K>
+AQ_DEV float code_value(const char* row, int64_t j, int64_t F) {
+  auto at = [&](int64_t i) -> float {
+    if constexpr (DT == kF32) {
+      return reinterpret_cast<const float*>(row)[i];
+    } else {
+      const uint32_t h = reinterpret_cast<const uint16_t*>(row)[i];
+      return half16_to_float<DT>(h);
+    }
+  };
+  float total = at(j * K);
+#pragma unroll
+  for (int i = 1; i < K; ++i) total = __fadd_rn(total, j * K + i < F ? at(j * K + i) : 0.0f);
+  if constexpr (K == 1) {
+    return total;
+  } else {
+    const int64_t count = F - j * K;
+    return count >= K ? __fmul_rn(total, 1.0f / K) : __fdiv_rn(total, static_cast<float>(count));
+  }
+}
+
+template <int DT, int B, int K>
+AQ_DEV void compress_generic_tile(const char* row, const Tile& c, const CompressParams& p) {
+  constexpr int NG = kTileGroups / K;
+  constexpr uint32_t kMax = (1u << B) - 1u;
+  const int G = p.group_size;
+  const int lane = c.lane;
+  const float inf = __uint_as_float(0x7f800000u);
+  const int64_t ncodes = (c.F + K - 1) / K;
+  const int64_t gpr = (ncodes + G - 1) / G;
+  const int64_t g0 = c.t * NG;
+  const int ng = static_cast<int>(gpr - g0 < NG ? gpr - g0 : NG);
+#pragma unroll 1
+  for (int gi = 0; gi < ng; ++gi) {
+    const int64_t group = g0 + gi;
+    const int64_t first = group * G;
+    float mn = inf, nx = inf;
+#pragma unroll 1
+    for (int s = 0; s < G / 32; ++s) {
+      const int64_t j = first + s * 32 + lane;
+      if (j < ncodes) {
+        const float v = code_value<DT, K>(row, j, c.F);
+        mn = min_nan(mn, v);
+        nx = min_nan(nx, -v);
+      }
+    }
+    float lo = warp_min_nan(mn);
+    const float hi = -warp_min_nan(nx);
+    const bool finite = ((__float_as_uint(lo) & 0x7f800000u) != 0x7f800000u) &&
+                        ((__float_as_uint(hi) & 0x7f800000u) != 0x7f800000u);
+    const bool keep_zero = finite && B >= 2 && lo == 0.0f;
+    if (keep_zero) {
+      float pm = inf;
+#pragma unroll 1
+      for (int s = 0; s < G / 32; ++s) {
+        const int64_t j = first + s * 32 + lane;
+        if (j < ncodes) {
+          const float v = code_value<DT, K>(row, j, c.F);
+          if (v > 0.0f) pm = min_nan(pm, v);
+        }
+      }
+      pm = warp_min_nan(pm);
+      if (pm != inf) lo = pm;
+    }
+    const float lo_r = bf16_round(lo, false);
+    const float hi_r = bf16_round(hi, true);
+    const bool zero_form = keep_zero || lo_r == hi_r;
+    const float m0 = zero_form ? hi_r : lo_r;
+    const float m1 = zero_form ? lo_r : hi_r;
+    if (lane == 0) p.meta[c.ri.group_off + group] = finite ? meta_word(m0, m1) : kNanMeta;
+    const GroupParams g = params_from_meta(m0, m1, B);
+    const GroupKeys keys = group_keys(static_cast<uint64_t>(c.idx_row + first), p.big != 0,
+                                      p.seed, p.key0);
+    uint8_t* bytes = p.payload + c.ri.byte_off + group * (G * B / 8);
+#pragma unroll 1
+    for (int s = 0; s < G / 32; ++s) {
+      const int k = s * 32 + lane;
+      const int64_t j = first + k;
+      uint32_t q = 0;
+      if (finite && j < ncodes) {
+        q = quantize_exact(code_value<DT, K>(row, j, c.F), g, noise_hash(keys, static_cast<uint32_t>(k)));
+      }
+      store_codes<B, 1, 1>(bytes, k, lane, q & kMax);
+    }
+  }
+}
+
+template <int DT>
+__global__ void __launch_bounds__(32 * kWarpsPerBlock) compress_generic(CompressParams p) {
+  const int lane = threadIdx.x & 31;
+  const int64_t tile = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (tile >= p.rows * p.tiles_per_row) return;
+  Tile c;
+  c.lane = lane;
+  int64_t row;
+  split_tile(tile, p.tiles_per_row, row, c.t);
+  c.F = p.row_numel;
+  c.idx_row = row * p.row_numel;
+  c.ri = row_info(p.table, p.level, p.row_bytes, p.row_groups, row);
+  const char* rowp = static_cast<const char*>(p.in) + c.idx_row * Elem<DT>::size;
+  with_level(c.ri.level, [&](auto L) {
+    compress_generic_tile<DT, decltype(L)::bits, decltype(L)::avg>(rowp, c, p);
+  });
+}
+
+}  // namespace aq

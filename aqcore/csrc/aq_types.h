@@ -1,0 +1,63 @@
+// The interface between the PyTorch binding (ops.cpp, plain C++) and the CUDA kernels:
+// parameter blocks and the host functions that launch them (defined in k_dispatch.cu).
+#pragma once
+
+#include <cstdint>
+
+namespace aq {
+
+enum DType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+constexpr int kFastGroup = 256;   // the group size the tiled kernels are built for
+constexpr int kTileGroups = 8;    // a tile is 8 groups of raw values (one aq0.25 group)
+constexpr int kWarpsPerBlock = 4;
+constexpr int kStatColumns = 7;   // one per quantized level, errors.ERROR_LEVELS order
+constexpr int kBitsThreads = 256;
+constexpr int kChunksPerThread = 4;
+
+struct CompressParams {
+  const void* in;         // (rows, row_numel) values, contiguous
+  uint8_t* payload;
+  uint32_t* meta;         // one (m0 | m1 << 16) word per group
+  float* stats;           // (tiles, kStatColumns) error-model partials, or null
+  const int64_t* table;   // per row {level, byte offset, group offset}, or null
+  int64_t rows;
+  int64_t row_numel;
+  int64_t tiles_per_row;
+  int64_t row_bytes;      // without a table: every row has `level`, these strides
+  int64_t row_groups;
+  uint64_t seed;
+  uint32_t key0;          // noise.stream_key(seed, 0)
+  int32_t level;
+  int32_t group_size;
+  int32_t big;            // rows * row_numel > 2^32: the noise key depends on index >> 32
+};
+
+struct DecompressParams {
+  const uint8_t* payload;
+  const uint32_t* meta;
+  void* out;              // (rows, row_numel), contiguous
+  const int64_t* table;
+  int64_t rows;
+  int64_t row_numel;
+  int64_t tiles_per_row;
+  int64_t row_bytes;
+  int64_t row_groups;
+  int32_t level;
+  int32_t group_size;
+};
+
+struct BitsParams {
+  const uint8_t* in;
+  uint8_t* out;
+  int64_t n;    // number of mask values
+  int aligned;  // both buffers start on 16 bytes
+};
+
+// Launch on PyTorch's current CUDA stream.
+void launch_compress(int dtype, const CompressParams& p, bool stats);
+void launch_decompress(int dtype, const DecompressParams& p);
+void launch_pack_bits(const BitsParams& b);
+void launch_unpack_bits(const BitsParams& b);
+
+}  // namespace aq
