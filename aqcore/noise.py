@@ -30,20 +30,21 @@ def mix32_int(x: int) -> int:
     return x
 
 
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2**32 for 0 <= x < 2**32 in int64, without signed overflow."""
-    low = x * (c & 0xFFFF)
-    high = ((x * (c >> 16)) & 0xFFFF) << 16
-    return (low + high) & MASK32
-
-
 def mix32(x: torch.Tensor) -> torch.Tensor:
-    """mix32 on an int64 tensor holding 32-bit values."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, MIX_MUL1)
-    x = x ^ (x >> 15)
-    x = _mul32(x, MIX_MUL2)
-    return x ^ (x >> 16)
+    """mix32 on an int32 tensor holding the 32-bit values (two's complement).
+
+    torch's int32 multiply wraps modulo 2**32 on every backend, which is the unsigned
+    product's low word; right shifts are masked to make them logical.
+    """
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _signed32(MIX_MUL1)
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _signed32(MIX_MUL2)
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def _signed32(value: int) -> int:
+    return value - (1 << 32) if value >= 1 << 31 else value
 
 
 def stream_key(seed: int, hi: int = 0) -> int:
@@ -54,15 +55,15 @@ def stream_key(seed: int, hi: int = 0) -> int:
 
 
 def uniform(seed: int, index: torch.Tensor, index_bound: int) -> torch.Tensor:
-    """Uniform noise in [0, 1) as float32, one value per int64 code index < index_bound."""
-    lo = index & MASK32
+    """Uniform noise in [0, 1) as float32, one value per code index < index_bound (int64,
+    or int32 when index_bound <= 2**31)."""
+    lo = (index & MASK32).to(torch.int32) if index.dtype == torch.int64 else index
     if index_bound > 1 << 32:
         hi = index >> 32
-        keys = {h: stream_key(seed, h) for h in hi.unique().tolist()}
-        key = torch.zeros_like(index)
-        for h, k in keys.items():
-            key = torch.where(hi == h, k, key)
+        key = torch.zeros_like(lo)
+        for h in hi.unique().tolist():
+            key = torch.where(hi == h, _signed32(stream_key(seed, h)), key)
     else:
-        key = stream_key(seed)
+        key = _signed32(stream_key(seed))
     h = mix32(lo ^ key)
-    return (h >> 8).to(torch.float32) * (2.0 ** -24)
+    return ((h >> 8) & 0xFFFFFF).to(torch.float32) * (2.0 ** -24)
