@@ -23,14 +23,18 @@ from .reference import _pad_groups, average_runs
 ERROR_LEVELS: tuple[Level, ...] = QUANTIZED_LEVELS
 
 
-def _rounding_error(values: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """sum_g n_g R_g^2 / (6 B^2) per row of (R, n) values."""
+def _range_energy(values: torch.Tensor, group_size: int) -> torch.Tensor:
+    """sum_g n_g R_g^2 per row of (R, n) values: the part every plain level shares."""
     n = values.shape[1]
     groups = _pad_groups(values, group_size)
     spread = (groups.amax(-1) - groups.amin(-1)).square()
     counts = torch.full((groups.shape[1],), float(group_size), device=values.device)
     counts[-1] = n - (groups.shape[1] - 1) * group_size
-    return (spread * counts).sum(-1) / (6.0 * ((1 << bits) - 1) ** 2)
+    return (spread * counts).sum(-1)
+
+
+def _rounding_error(energy: torch.Tensor, bits: int) -> torch.Tensor:
+    return energy / (6.0 * ((1 << bits) - 1) ** 2)
 
 
 def level_errors(rows: torch.Tensor, group_size: int = 256,
@@ -40,12 +44,16 @@ def level_errors(rows: torch.Tensor, group_size: int = 256,
     if rows.shape[1] == 0:
         return rows.new_zeros(rows.shape[0], len(levels))
     columns = []
+    plain_energy = None
     for level in levels:
         if level.avg == 1:
-            columns.append(_rounding_error(rows, level.bits, group_size))
+            if plain_energy is None:
+                plain_energy = _range_energy(rows, group_size)
+            columns.append(_rounding_error(plain_energy, level.bits))
             continue
         means = average_runs(rows, level.avg)
         repeated = means.repeat_interleave(level.avg, dim=1)[:, : rows.shape[1]]
         deviation = (rows - repeated).square().sum(-1)
-        columns.append(deviation + level.avg * _rounding_error(means, level.bits, group_size))
+        energy = _range_energy(means, group_size)
+        columns.append(deviation + level.avg * _rounding_error(energy, level.bits))
     return torch.stack(columns, -1)
