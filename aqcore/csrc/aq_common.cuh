@@ -236,6 +236,31 @@ AQ_DEV void store_piece(void* row, int64_t first, int64_t n, bool aligned, bool 
   }
 }
 
+// Asynchronous 16-byte global -> shared copies (cp.async, L2 only): a warp prefetches its
+// next tile while it computes on the current one.
+AQ_DEV void copy_async16(uint4* shared_dst, const void* global_src) {
+#if defined(__CUDA_ARCH__)
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(shared_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(global_src) : "memory");
+#else
+  *shared_dst = *static_cast<const uint4*>(global_src);
+#endif
+}
+
+AQ_DEV void copy_async_commit() {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+// Waits until at most N committed groups of this thread's copies are still in flight.
+template <int N>
+AQ_DEV void copy_async_wait() {
+#if defined(__CUDA_ARCH__)
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
 // ---------------------------------------------------------------------------------
 // NaN-propagating minimum (torch.amin semantics): float, and packed 16-bit pairs.
 
@@ -344,6 +369,18 @@ AQ_DEV GroupKeys group_keys(uint64_t first, bool big, uint64_t seed, uint32_t ke
     k.key_a = k.key_b = key0;
   }
   return k;
+}
+
+// bits | (1 << shift) when x >= 1 (a 1-bit code: min(floor(x), 1) for x >= 0).
+AQ_DEV uint32_t set_bit_if_at_least_one(uint32_t bits, float x, uint32_t mask) {
+#if defined(__CUDA_ARCH__)
+  asm("{\n .reg .pred p;\n setp.ge.f32 p, %1, 0f3F800000;\n @p or.b32 %0, %0, %2;\n}"
+      : "+r"(bits)
+      : "f"(x), "r"(mask));
+  return bits;
+#else
+  return x >= 1.0f ? (bits | mask) : bits;
+#endif
 }
 
 // Noise hash of the code at offset `off` (< 2^32) after the group's first index.

@@ -1,17 +1,20 @@
 // Fused compression: one pass reads each value once and writes codes + bf16 metadata.
 //
 // Work is cut into tiles of 8 * group_size raw values of one row (one aq0.25 group, or
-// eight plain groups), one warp per tile, so every row has the same number of tiles
-// whatever its level and rows of different levels share one launch. For group_size 256
-// (compress_tiles) a lane holds 16-byte pieces of the tile in registers: piece p of a
-// step covers raw values [16 p, 16 p + 16) bytes, so loads are coalesced and a lane's
-// codes are consecutive. Other group sizes use compress_generic (two passes over each
-// group, the second from cache).
+// eight plain groups), so every row has the same number of tiles whatever its level and
+// rows of different levels share one launch. For group_size 256, compress_tiles runs
+// persistent warps: each prefetches its next tile into shared memory (cp.async, two
+// stages) while it computes on the current one, lane l owning the 16-byte pieces
+// l, l + 32, ... of the tile (coalesced loads; a lane's codes are consecutive). A tile that
+// is not whole (the row's last, or a row not 16-byte aligned) and other group sizes take
+// compress_generic_tile: one code per lane and step, two passes, exact in every case.
 #pragma once
 
 #include "aq_common.cuh"
 
 namespace aq {
+
+extern __shared__ uint4 aq_smem[];
 
 struct RowInfo {
   int level;
@@ -27,7 +30,7 @@ AQ_DEV RowInfo row_info(const int64_t* table, int level, int64_t row_bytes, int6
   return {level, row * row_bytes, row * row_groups};
 }
 
-// Row and tile-in-row of a warp's tile; 64-bit division (~70 instructions) only when needed.
+// Row and tile-in-row of a tile; 64-bit division (~70 instructions) only when needed.
 AQ_DEV void split_tile(int64_t tile, int64_t tiles_per_row, int64_t& row, int64_t& t) {
   if (tile < tiles_per_row) {
     row = 0;
@@ -44,8 +47,35 @@ struct Tile {
   int64_t t;          // tile number within the row
   int64_t F;          // row length
   int64_t idx_row;    // row * F: absolute code index of the row's first code slot
+  int64_t v0;         // first raw value of the tile in the row
   RowInfo ri;
+  const char* row;    // the row's first value
+  bool whole;         // row start 16-byte aligned and the tile inside the row
 };
+
+// Where a tile lies; the row's level and offsets (c.ri) are read by the caller when needed
+// (a global load for mixed levels).
+template <int DT, class P>
+AQ_DEV Tile tile_geometry(const P& p, int64_t tile, int lane, const void* base, int64_t& row) {
+  Tile c;
+  c.lane = lane;
+  split_tile(tile, p.tiles_per_row, row, c.t);
+  c.F = p.row_numel;
+  c.idx_row = row * p.row_numel;
+  c.v0 = c.t * (kTileGroups * kFastGroup);
+  c.row = static_cast<const char*>(base) + c.idx_row * Elem<DT>::size;
+  c.whole = (reinterpret_cast<uintptr_t>(c.row) & 15) == 0 &&
+            c.v0 + kTileGroups * kFastGroup <= c.F;
+  return c;
+}
+
+template <int DT, class P>
+AQ_DEV Tile locate(const P& p, int64_t tile, int lane, const void* base) {
+  int64_t row;
+  Tile c = tile_geometry<DT>(p, tile, lane, base, row);
+  c.ri = row_info(p.table, p.level, p.row_bytes, p.row_groups, row);
+  return c;
+}
 
 // Quantization mode of a group, uniform over the warp.
 enum Mode : int { kNonFinite = 0, kFlat = 1, kFast = 2, kFastZero = 3, kExact = 4 };
@@ -72,9 +102,37 @@ AQ_DEV void store_codes(uint8_t* group_bytes, int piece, int lane, Bits bits) {
   }
 }
 
-// Compresses the groups of level (B, K) inside one tile whose raw pieces are in `raw`.
-template <int DT, int B, int K, int TS>
-AQ_DEV void compress_tile(uint4 (&raw)[TS], const Tile& c, const CompressParams& p) {
+// Values of the CU codes of one piece of a whole tile (P = 1): the raw values, or the
+// averages of runs of K, summed left to right and divided once (== * 1/K, K a power of 2).
+template <int DT, int K, int CU>
+AQ_DEV void piece_values(const uint4& r, float (&v)[CU]) {
+#pragma unroll
+  for (int cc = 0; cc < CU; ++cc) {
+    float total = elem<DT>(r, cc * K);
+#pragma unroll
+    for (int i = 1; i < K; ++i) total = __fadd_rn(total, elem<DT>(r, cc * K + i));
+    v[cc] = K == 1 ? total : __fmul_rn(total, 1.0f / K);
+  }
+}
+
+// A code spanning the pieces of lanes 2m and 2m + 1 (float32 aq0.25): its average, on both.
+template <int DT, int K>
+AQ_DEV float pair_value(const uint4& r, int lane) {
+  constexpr int VU = Elem<DT>::per_piece;
+  float half = elem<DT>(r, 0);
+#pragma unroll
+  for (int i = 1; i < VU; ++i) half = __fadd_rn(half, elem<DT>(r, i));
+  float total = __shfl_xor_sync(kFull, half, 1);  // the even lane's first half
+#pragma unroll
+  for (int i = 0; i < VU; ++i) total = __fadd_rn(total, elem<DT>(r, i));
+  const float v = __fmul_rn(total, 1.0f / K);
+  const float other = __shfl_xor_sync(kFull, v, 1);
+  return (lane & 1) ? v : other;
+}
+
+// Compresses the groups of level (B, K) of one whole tile held in shared memory `buf`.
+template <int DT, int B, int K>
+AQ_DEV void compress_whole_tile(const uint4* buf, const Tile& c, const CompressParams& p) {
   constexpr int VU = Elem<DT>::per_piece;
   constexpr int CU = VU >= K ? VU / K : 1;            // codes per piece
   constexpr int P = K > VU ? K / VU : 1;              // pieces per code
@@ -82,123 +140,42 @@ AQ_DEV void compress_tile(uint4 (&raw)[TS], const Tile& c, const CompressParams&
   constexpr int NG = kTileGroups / K;                 // groups per tile
   constexpr int M = ilog2(NG);
   constexpr int LPG = 32 >> M;                        // lanes per group after the reduction
-  constexpr int NC = SG * CU;                         // code slots per lane per group
   using Bits = typename std::conditional<(CU * B > 32), uint64_t, uint32_t>::type;
-  static_assert(NG * SG == TS, "a tile holds whole groups");
   static_assert(P <= 2, "a code spans at most two pieces");
-
+  const float inf = __uint_as_float(0x7f800000u);
   const int lane = c.lane;
-  const int64_t ncodes = (c.F + K - 1) / K;
-  const int64_t gpr = (ncodes + kFastGroup - 1) / kFastGroup;
   const int64_t g0 = c.t * NG;
-  const int ng = static_cast<int>(gpr - g0 < NG ? gpr - g0 : NG);
-  const int64_t code0 = g0 * kFastGroup;  // first code of the tile in the row
-  const bool full = code0 + NG * kFastGroup <= ncodes;
 
-  // Code slot k = s * CU + cc of group gi: its index inside the group.
-  auto slot_code = [&](int s, int cc) -> int {
-    return P == 1 ? (s * 32 + lane) * CU + cc : (s * 32 + lane) / 2;
-  };
-
-  // 1. Values of the codes: the raw values (K = 1) or their run averages.
-  float avg[K > 1 ? NG : 1][K > 1 ? NC : 1];
-  if constexpr (K > 1) {
-#pragma unroll
-    for (int gi = 0; gi < NG; ++gi) {
-#pragma unroll
-      for (int s = 0; s < SG; ++s) {
-        const uint4& r = raw[gi * SG + s];
-#pragma unroll
-        for (int cc = 0; cc < CU; ++cc) {
-          float total;
-          if constexpr (P == 1) {
-            total = elem<DT>(r, cc * K);
-#pragma unroll
-            for (int i = 1; i < K; ++i) total = __fadd_rn(total, elem<DT>(r, cc * K + i));
-          } else {
-            float half = elem<DT>(r, 0);
-#pragma unroll
-            for (int i = 1; i < VU; ++i) half = __fadd_rn(half, elem<DT>(r, i));
-            total = __shfl_xor_sync(kFull, half, 1);  // the even lane's first half
-#pragma unroll
-            for (int i = 0; i < VU; ++i) total = __fadd_rn(total, elem<DT>(r, i));
-          }
-          const int64_t j = code0 + gi * kFastGroup + slot_code(s, cc);
-          const int64_t count = c.F - j * K;
-          float v;
-          if (full || count >= K) {
-            v = __fmul_rn(total, 1.0f / K);  // == total / K: K is a power of two
-          } else {
-            v = __fdiv_rn(total, static_cast<float>(count > 0 ? count : 1));
-          }
-          if constexpr (P == 2) {
-            const float other = __shfl_xor_sync(kFull, v, 1);
-            v = (lane & 1) ? v : other;  // both lanes of the pair hold the code's value
-          }
-          avg[gi][s * CU + cc] = v;
-        }
-      }
-    }
-  }
-  auto value = [&](int gi, int s, int cc) -> float {
-    if constexpr (K == 1) {
-      return elem<DT>(raw[gi * SG + s], cc);
+  auto piece = [&](int gi, int s) { return buf[(gi * SG + s) * 32 + lane]; };
+  auto values = [&](int gi, int s, float (&v)[CU]) {
+    const uint4 r = piece(gi, s);
+    if constexpr (P == 1) {
+      piece_values<DT, K, CU>(r, v);
     } else {
-      return avg[gi][s * CU + cc];
+      v[0] = pair_value<DT, K>(r, lane);
     }
   };
 
-  // 2. In the row's last tile, slots past the last code take the group's first value,
-  //    as the reference pads groups, so they change no reduction.
-  if (!full) {
-#pragma unroll
-    for (int gi = 0; gi < NG; ++gi) {
-      if constexpr (K == 1) {
-        const uint32_t first = __shfl_sync(kFull, elem_bits<DT>(raw[gi * SG], 0), 0);
-#pragma unroll
-        for (int s = 0; s < SG; ++s) {
-#pragma unroll
-          for (int cc = 0; cc < CU; ++cc) {
-            if (code0 + gi * kFastGroup + slot_code(s, cc) >= ncodes) {
-              set_elem_bits<DT>(raw[gi * SG + s], cc, first);
-            }
-          }
-        }
-      } else {
-        const float first = __shfl_sync(kFull, avg[gi][0], 0);
-#pragma unroll
-        for (int s = 0; s < SG; ++s) {
-#pragma unroll
-          for (int cc = 0; cc < CU; ++cc) {
-            if (code0 + gi * kFastGroup + slot_code(s, cc) >= ncodes) avg[gi][s * CU + cc] = first;
-          }
-        }
-      }
-    }
-  }
-
-  // 3. Range of every group; lane afterwards owns group gq.
+  // 1. Range of every group; the lane then owns group gq (its metadata, its parameters).
   const int gq = lane >> (5 - M);
   float lo, hi;
   if constexpr (K == 1 && DT != kF32) {
     uint32_t red[NG];  // per group: (min, -max) as a 16-bit pair
 #pragma unroll
     for (int gi = 0; gi < NG; ++gi) {
-      uint32_t mn = raw[gi * SG].x, mx = raw[gi * SG].x;
+      const uint4 r0 = piece(gi, 0);
+      uint32_t mn = r0.x, mx = r0.x;
 #pragma unroll
       for (int s = 0; s < SG; ++s) {
+        const uint4 r = s == 0 ? r0 : piece(gi, s);
 #pragma unroll
-        for (int w = 0; w < 4; ++w) {
-          if (s == 0 && w == 0) continue;
-          const uint32_t x = word(raw[gi * SG + s], w);
-          mn = min2_nan<DT>(mn, x);
-          mx = max2_nan<DT>(mx, x);
+        for (int w = s == 0 ? 1 : 0; w < 4; ++w) {
+          mn = min2_nan<DT>(mn, word(r, w));
+          mx = max2_nan<DT>(mx, word(r, w));
         }
       }
       const uint32_t nx = neg2(mx);
-      const uint32_t lows = (mn & 0xffffu) | (nx << 16);
-      const uint32_t highs = (mn >> 16) | (nx & 0xffff0000u);
-      red[gi] = min2_nan<DT>(lows, highs);
+      red[gi] = min2_nan<DT>((mn & 0xffffu) | (nx << 16), (mn >> 16) | (nx & 0xffff0000u));
     }
     const uint32_t r = transpose_reduce<M>(red, lane, [](uint32_t a, uint32_t b) {
       return min2_nan<DT>(a, b);
@@ -209,16 +186,16 @@ AQ_DEV void compress_tile(uint4 (&raw)[TS], const Tile& c, const CompressParams&
     float mn[NG], nx[NG];
 #pragma unroll
     for (int gi = 0; gi < NG; ++gi) {
-      mn[gi] = value(gi, 0, 0);
-      nx[gi] = -mn[gi];
+      mn[gi] = inf;
+      nx[gi] = inf;
 #pragma unroll
       for (int s = 0; s < SG; ++s) {
+        float v[CU];
+        values(gi, s, v);
 #pragma unroll
         for (int cc = 0; cc < CU; ++cc) {
-          if (s == 0 && cc == 0) continue;
-          const float v = value(gi, s, cc);
-          mn[gi] = min_nan(mn[gi], v);
-          nx[gi] = min_nan(nx[gi], -v);
+          mn[gi] = min_nan(mn[gi], v[cc]);
+          nx[gi] = min_nan(nx[gi], -v[cc]);
         }
       }
     }
@@ -227,34 +204,34 @@ AQ_DEV void compress_tile(uint4 (&raw)[TS], const Tile& c, const CompressParams&
     hi = -transpose_reduce<M>(nx, lane, op);
   }
 
-  // 4. Metadata of the lane's group (reference.group_meta).
-  const bool exists = gq < ng;
+  // 2. Metadata of the lane's group (reference.group_meta).
   const bool finite = ((__float_as_uint(lo) & 0x7f800000u) != 0x7f800000u) &&
                       ((__float_as_uint(hi) & 0x7f800000u) != 0x7f800000u);
   const bool keep_zero = finite && B >= 2 && lo == 0.0f;
-  if (__any_sync(kFull, keep_zero && exists)) {
+  if (__any_sync(kFull, keep_zero)) {  // smallest positive value of the zero-holding groups
     float pm[NG];
 #pragma unroll
     for (int gi = 0; gi < NG; ++gi) {
-      pm[gi] = __uint_as_float(0x7f800000u);
+      pm[gi] = inf;
 #pragma unroll
       for (int s = 0; s < SG; ++s) {
+        float v[CU];
+        values(gi, s, v);
 #pragma unroll
         for (int cc = 0; cc < CU; ++cc) {
-          const float v = value(gi, s, cc);
-          if (v > 0.0f) pm[gi] = min_nan(pm[gi], v);
+          if (v[cc] > 0.0f) pm[gi] = min_nan(pm[gi], v[cc]);
         }
       }
     }
     const float pmin = transpose_reduce<M>(pm, lane, [](float a, float b) { return min_nan(a, b); });
-    if (keep_zero && pmin != __uint_as_float(0x7f800000u)) lo = pmin;
+    if (keep_zero && pmin != inf) lo = pmin;
   }
   const float lo_r = bf16_round(lo, false);
   const float hi_r = bf16_round(hi, true);
   const bool zero_form = keep_zero || lo_r == hi_r;
   const float m0 = zero_form ? hi_r : lo_r;
   const float m1 = zero_form ? lo_r : hi_r;
-  if (exists && (lane & (LPG - 1)) == 0) {
+  if ((lane & (LPG - 1)) == 0) {
     p.meta[c.ri.group_off + g0 + gq] = finite ? meta_word(m0, m1) : kNanMeta;
   }
   const GroupParams mine = params_from_meta(m0, m1, B);
@@ -264,85 +241,98 @@ AQ_DEV void compress_tile(uint4 (&raw)[TS], const Tile& c, const CompressParams&
     mode = kNonFinite;
   } else if (!(mine.span > 0.0f)) {
     mode = kFlat;
-  } else if (hash_fast && mine.span < __uint_as_float(0x7f800000u) &&
-             mine.scale < __uint_as_float(0x7f800000u)) {
+  } else if (hash_fast && mine.span < inf && mine.scale < inf) {
     mode = zero_form ? kFastZero : kFast;
   } else {
     mode = kExact;
   }
 
-  // 5. Per group: rounding, packing, stores.
-#pragma unroll
+  // 3. Per group (a rolled loop: one copy of the code): rounding, packing, stores.
+  uint8_t* tile_bytes = p.payload + c.ri.byte_off + g0 * (kFastGroup * B / 8);
+  const uint32_t tile_lo0 = static_cast<uint32_t>(c.idx_row + g0 * kFastGroup);
+  const uint32_t fold0 = p.key0 ^ (p.key0 >> 16);  // mix32's first round, key part
+  const bool all_fast = __all_sync(kFull, mode == kFast) && !p.big;  // the common case
+#pragma unroll 1
   for (int gi = 0; gi < NG; ++gi) {
-    if (gi >= ng) break;
-    const int src = gi * LPG;
-    GroupParams g;
-    int gmode;
-    if constexpr (M == 0) {
-      g = mine;
-      gmode = mode;
-    } else {
+    GroupParams g = mine;
+    int gmode = mode;
+    if constexpr (M > 0) {
+      const int src = gi * LPG;
       g.base = __shfl_sync(kFull, mine.base, src);
       g.scale = __shfl_sync(kFull, mine.scale, src);
-      const uint32_t flags = __shfl_sync(kFull, mine.levels | (zero_form ? 256u : 0u) |
-                                                    (static_cast<uint32_t>(mode) << 9), src);
-      g.levels = flags & 255u;
-      g.zero_form = (flags & 256u) != 0;
-      g.span = __shfl_sync(kFull, mine.span, src);
-      gmode = static_cast<int>(flags >> 9);
+      if (all_fast) {
+        g.levels = (1u << B) - 1u;
+        g.zero_form = false;
+        gmode = kFast;
+      } else {
+        const uint32_t flags = __shfl_sync(kFull, mine.levels | (zero_form ? 256u : 0u) |
+                                                      (static_cast<uint32_t>(mode) << 9), src);
+        g.levels = flags & 255u;
+        g.zero_form = (flags & 256u) != 0;
+        gmode = static_cast<int>(flags >> 9);
+      }
+      g.span = 1.0f;  // only kExact reads it, and kExact groups have span > 0
     }
-    const int64_t group = g0 + gi;
-    uint8_t* bytes = p.payload + c.ri.byte_off + group * (kFastGroup * B / 8);
-    const GroupKeys keys = group_keys(static_cast<uint64_t>(c.idx_row + group * kFastGroup),
-                                      p.big != 0, p.seed, p.key0);
-    const int64_t left = ncodes - (code0 + gi * kFastGroup);  // valid codes from group start
+    uint8_t* bytes = tile_bytes + gi * (kFastGroup * B / 8);
+    const uint32_t lo0 = tile_lo0 + static_cast<uint32_t>(gi * kFastGroup);
+    GroupKeys keys{lo0, p.key0, p.key0};
+    uint32_t fold_a = fold0, fold_b = fold0;
+    if (p.big) {
+      keys = group_keys(static_cast<uint64_t>(c.idx_row + (g0 + gi) * kFastGroup), true, p.seed,
+                        p.key0);
+      fold_a = keys.key_a ^ (keys.key_a >> 16);
+      fold_b = keys.key_b ^ (keys.key_b >> 16);
+    }
 
     auto emit = [&](auto mode_tag) {
       constexpr int MODE = decltype(mode_tag)::value;
 #pragma unroll
       for (int s = 0; s < SG; ++s) {
-        const int piece = s * 32 + lane;
-        const int first = slot_code(s, 0);
+        const int pc = s * 32 + lane;                     // piece within the group
+        const int first = P == 1 ? pc * CU : pc / 2;      // its first code within the group
+        float v[CU];
+        if constexpr (MODE != kNonFinite) values(gi, s, v);
         Bits bits = 0;
         if constexpr (MODE == kFast || MODE == kFastZero) {
-          const uint32_t lo_first = keys.lo0 + static_cast<uint32_t>(first);
-          const uint32_t key = lo_first < keys.lo0 ? keys.key_b : keys.key_a;
+          const uint32_t lo_first = lo0 + static_cast<uint32_t>(first);
+          const uint32_t fold = (p.big && lo_first < lo0) ? fold_b : fold_a;
           // mix32's first round folded: the CU codes share lo >> 16 and need no carry.
-          const uint32_t a = lo_first ^ key ^ (key >> 16) ^ (lo_first >> 16);
+          const uint32_t a = lo_first ^ (lo_first >> 16) ^ fold;
 #pragma unroll
           for (int cc = 0; cc < CU; ++cc) {
-            const float v = value(gi, s, cc);
             const uint32_t h = mix_finish(a ^ static_cast<uint32_t>(cc));
-            const float x = add_noise(__fmul_rn(__fsub_rn(v, g.base), g.scale), h);
-            // floor(x) for 0 <= x < 2^23 by a round-down add of 2^23; garbage (clamped,
-            // then dropped) only for the zeros of zero-keeping groups.
-            uint32_t q = __float_as_uint(__fadd_rd(x, 8388608.0f)) - 0x4b000000u;
-            q = q < g.levels ? q : g.levels;
-            if constexpr (MODE == kFastZero) q = v == 0.0f ? 0u : q + 1u;
-            bits += static_cast<Bits>(q) * (Bits(1) << (cc * B));  // disjoint bits: an IMAD
+            const float x = add_noise(__fmul_rn(__fsub_rn(v[cc], g.base), g.scale), h);
+            if constexpr (B == 1) {
+              bits = set_bit_if_at_least_one(bits, x, 1u << cc);
+            } else {
+              // floor(x) for 0 <= x < 2^23 by a round-down add of 2^23; garbage (clamped,
+              // then dropped) only for the zeros of zero-keeping groups.
+              uint32_t q = __float_as_uint(__fadd_rd(x, 8388608.0f)) - 0x4b000000u;
+              q = q < g.levels ? q : g.levels;
+              if constexpr (MODE == kFastZero) q = v[cc] == 0.0f ? 0u : q + 1u;
+              bits += static_cast<Bits>(q) * (Bits(1) << (cc * B));  // disjoint bits: an IMAD
+            }
           }
         } else if constexpr (MODE == kExact) {
 #pragma unroll
           for (int cc = 0; cc < CU; ++cc) {
             const uint32_t h = noise_hash(keys, static_cast<uint32_t>(first + cc));
-            bits |= static_cast<Bits>(quantize_exact(value(gi, s, cc), g, h)) << (cc * B);
+            bits |= static_cast<Bits>(quantize_exact(v[cc], g, h)) << (cc * B);
           }
         } else if constexpr (MODE == kFlat) {
 #pragma unroll
           for (int cc = 0; cc < CU; ++cc) {
-            const uint32_t q = (g.zero_form && value(gi, s, cc) != 0.0f) ? 1u : 0u;
+            const uint32_t q = (g.zero_form && v[cc] != 0.0f) ? 1u : 0u;
             bits |= static_cast<Bits>(q) << (cc * B);
           }
         }
-        if (!full) {  // codes past the row's last code are zero
-          const int64_t n = left - first;
-          if (n < CU) {
-            bits = n <= 0 ? Bits(0) : (bits & ((Bits(1) << (n * B)) - 1));
-          }
-        }
-        store_codes<B, CU, P>(bytes, piece, lane, bits);
+        store_codes<B, CU, P>(bytes, pc, lane, bits);
       }
     };
+    if (all_fast) {
+      emit(std::integral_constant<int, kFast>{});
+      continue;
+    }
     switch (gmode) {
       case kNonFinite: emit(std::integral_constant<int, kNonFinite>{}); break;
       case kFlat: emit(std::integral_constant<int, kFlat>{}); break;
@@ -357,14 +347,15 @@ AQ_DEV void compress_tile(uint4 (&raw)[TS], const Tile& c, const CompressParams&
 // Error-model partials of one tile (errors.level_errors), from the registers already
 // loaded: plain groups' n R^2, AQ run deviation energy and n R^2 over groups of averages.
 
-template <int DT, int K, int TS>
-AQ_DEV void aq_tile_stats(const uint4 (&raw)[TS], int lane, int64_t v0, int64_t F, float& dev,
+template <int DT, int K, class Piece>
+AQ_DEV void aq_tile_stats(Piece piece, int lane, int64_t v0, int64_t F, float& dev,
                           float& spread) {
   constexpr int VU = Elem<DT>::per_piece;
   constexpr int CU = VU >= K ? VU / K : 1;
   constexpr int P = K > VU ? K / VU : 1;
   constexpr int NG = kTileGroups / K;  // groups of 256 averages per tile
   constexpr int M = ilog2(NG);
+  constexpr int TS = kTileGroups * kFastGroup / (32 * VU);
   constexpr int SG = TS / NG;
   const float inf = __uint_as_float(0x7f800000u);
   float mn[NG], nx[NG];
@@ -375,7 +366,7 @@ AQ_DEV void aq_tile_stats(const uint4 (&raw)[TS], int lane, int64_t v0, int64_t 
     nx[gi] = inf;
 #pragma unroll
     for (int s = 0; s < SG; ++s) {
-      const uint4& r = raw[gi * SG + s];
+      const uint4 r = piece(gi * SG + s);
       const int64_t piece_first = v0 + static_cast<int64_t>((gi * SG + s) * 32 + lane) * VU;
       auto x = [&](int e) { return elem<DT>(r, e); };  // +0.0 past the row end
 #pragma unroll
@@ -433,13 +424,14 @@ AQ_DEV void aq_tile_stats(const uint4 (&raw)[TS], int lane, int64_t v0, int64_t 
   dev = warp_sum(d);
 }
 
-template <int DT, int TS>
-AQ_DEV void tile_stats(const uint4 (&raw)[TS], int lane, int64_t v0, int64_t F, float* out) {
+// piece(s): the lane's 16-byte piece of step s of the tile (zeros past the row end).
+template <int DT, class Piece>
+AQ_DEV void tile_stats(Piece piece, int lane, int64_t v0, int64_t F, float* out) {
   float unused, dev2, dev4, dev8, plain, sp2, sp4, sp8;
-  aq_tile_stats<DT, 1>(raw, lane, v0, F, unused, plain);
-  aq_tile_stats<DT, 2>(raw, lane, v0, F, dev2, sp2);
-  aq_tile_stats<DT, 4>(raw, lane, v0, F, dev4, sp4);
-  aq_tile_stats<DT, 8>(raw, lane, v0, F, dev8, sp8);
+  aq_tile_stats<DT, 1>(piece, lane, v0, F, unused, plain);
+  aq_tile_stats<DT, 2>(piece, lane, v0, F, dev2, sp2);
+  aq_tile_stats<DT, 4>(piece, lane, v0, F, dev4, sp4);
+  aq_tile_stats<DT, 8>(piece, lane, v0, F, dev8, sp8);
   if (lane < kStatColumns) {
     // plain b bits: n R^2 / (6 (2^b - 1)^2); AQ k: D_k + k n R^2 / (6 * 3^2)
     float v;
@@ -452,39 +444,6 @@ AQ_DEV void tile_stats(const uint4 (&raw)[TS], int lane, int64_t v0, int64_t F, 
     else v = __fadd_rn(dev8, __fmul_rn(8.0f, __fdiv_rn(sp8, 54.0f)));
     out[lane] = v;
   }
-}
-
-// ---------------------------------------------------------------------------------
-
-template <int DT, bool STATS>
-__global__ void __launch_bounds__(32 * kWarpsPerBlock) compress_tiles(CompressParams p) {
-  constexpr int VU = Elem<DT>::per_piece;
-  constexpr int TS = kTileGroups * kFastGroup / (32 * VU);
-  const int lane = threadIdx.x & 31;
-  const int64_t tile = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
-  if (tile >= p.rows * p.tiles_per_row) return;
-  Tile c;
-  c.lane = lane;
-  int64_t row;
-  split_tile(tile, p.tiles_per_row, row, c.t);
-  c.F = p.row_numel;
-  c.idx_row = row * p.row_numel;
-  c.ri = row_info(p.table, p.level, p.row_bytes, p.row_groups, row);
-  const char* rowp = static_cast<const char*>(p.in) + c.idx_row * Elem<DT>::size;
-  const bool aligned = (reinterpret_cast<uintptr_t>(rowp) & 15) == 0;
-  const int64_t v0 = c.t * (kTileGroups * kFastGroup);
-  const bool whole = aligned && v0 + kTileGroups * kFastGroup <= c.F;
-  uint4 raw[TS];
-#pragma unroll
-  for (int s = 0; s < TS; ++s) {
-    raw[s] = load_piece<DT>(rowp, v0 + static_cast<int64_t>(s * 32 + lane) * VU, c.F, aligned,
-                            whole);
-  }
-  // Statistics first: compression then consumes (and in the last tile pads) the registers.
-  if constexpr (STATS) tile_stats<DT>(raw, lane, v0, c.F, p.stats + tile * kStatColumns);
-  with_level(c.ri.level, [&](auto L) {
-    compress_tile<DT, decltype(L)::bits, decltype(L)::avg>(raw, c, p);
-  });
 }
 
 // ---------------------------------------------------------------------------------
@@ -577,21 +536,82 @@ AQ_DEV void compress_generic_tile(const char* row, const Tile& c, const Compress
   }
 }
 
+// ---------------------------------------------------------------------------------
+
+template <int DT>
+AQ_HD constexpr int tile_steps() {
+  return kTileGroups * kFastGroup / (32 * Elem<DT>::per_piece);
+}
+
+// Dynamic shared memory of compress_tiles: two tile stages per warp.
+template <int DT>
+AQ_HD constexpr int compress_smem_bytes() {
+  return kWarpsPerBlock * 2 * tile_steps<DT>() * 32 * static_cast<int>(sizeof(uint4));
+}
+
+template <int DT, bool STATS>
+__global__ void __launch_bounds__(32 * kWarpsPerBlock) compress_tiles(CompressParams p) {
+  constexpr int VU = Elem<DT>::per_piece;
+  constexpr int TS = tile_steps<DT>();
+  const int lane = threadIdx.x & 31;
+  uint4* stages = aq_smem + (threadIdx.x >> 5) * (2 * TS * 32);
+  const int64_t total = p.rows * p.tiles_per_row;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarpsPerBlock;
+  int64_t tile = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
+  if (tile >= total) return;
+
+  auto prefetch = [&](const Tile& c, uint4* stage) {
+    if (!c.whole) return;
+#pragma unroll
+    for (int s = 0; s < TS; ++s) {
+      copy_async16(stage + s * 32 + lane,
+                   c.row + (c.v0 + static_cast<int64_t>(s * 32 + lane) * VU) * Elem<DT>::size);
+    }
+  };
+  int64_t unused_row;
+  prefetch(tile_geometry<DT>(p, tile, lane, p.in, unused_row), stages);
+  copy_async_commit();
+  for (int k = 0;; ++k) {
+    const Tile cur = locate<DT>(p, tile, lane, p.in);  // a mixed-level row table load, early
+    const int64_t next = tile + stride;
+    if (next < total) {
+      prefetch(tile_geometry<DT>(p, next, lane, p.in, unused_row),
+               stages + ((k + 1) & 1) * TS * 32);
+    }
+    copy_async_commit();
+    copy_async_wait<1>();  // this lane's pieces of the current tile have landed
+    const uint4* buf = stages + (k & 1) * TS * 32;
+    if (cur.whole) {
+      if constexpr (STATS) {
+        tile_stats<DT>([&](int s) { return buf[s * 32 + lane]; }, lane, cur.v0, cur.F,
+                       p.stats + tile * kStatColumns);
+      }
+      with_level(cur.ri.level, [&](auto L) {
+        compress_whole_tile<DT, decltype(L)::bits, decltype(L)::avg>(buf, cur, p);
+      });
+    } else {
+      if constexpr (STATS) {
+        tile_stats<DT>([&](int s) {
+          return load_piece<DT>(cur.row, cur.v0 + static_cast<int64_t>(s * 32 + lane) * VU, cur.F,
+                                false, false);
+        }, lane, cur.v0, cur.F, p.stats + tile * kStatColumns);
+      }
+      with_level(cur.ri.level, [&](auto L) {
+        compress_generic_tile<DT, decltype(L)::bits, decltype(L)::avg>(cur.row, cur, p);
+      });
+    }
+    if (next >= total) break;
+    tile = next;
+  }
+}
+
 template <int DT>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock) compress_generic(CompressParams p) {
-  const int lane = threadIdx.x & 31;
   const int64_t tile = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (tile >= p.rows * p.tiles_per_row) return;
-  Tile c;
-  c.lane = lane;
-  int64_t row;
-  split_tile(tile, p.tiles_per_row, row, c.t);
-  c.F = p.row_numel;
-  c.idx_row = row * p.row_numel;
-  c.ri = row_info(p.table, p.level, p.row_bytes, p.row_groups, row);
-  const char* rowp = static_cast<const char*>(p.in) + c.idx_row * Elem<DT>::size;
+  const Tile c = locate<DT>(p, tile, threadIdx.x & 31, p.in);
   with_level(c.ri.level, [&](auto L) {
-    compress_generic_tile<DT, decltype(L)::bits, decltype(L)::avg>(rowp, c, p);
+    compress_generic_tile<DT, decltype(L)::bits, decltype(L)::avg>(c.row, c, p);
   });
 }
 

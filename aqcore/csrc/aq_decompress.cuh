@@ -105,17 +105,10 @@ AQ_DEV void decompress_tile(char* row, bool aligned, const Tile& c, const Decomp
 
 template <int DT>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock) decompress_tiles(DecompressParams p) {
-  const int lane = threadIdx.x & 31;
   const int64_t tile = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (tile >= p.rows * p.tiles_per_row) return;
-  Tile c;
-  c.lane = lane;
-  int64_t row;
-  split_tile(tile, p.tiles_per_row, row, c.t);
-  c.F = p.row_numel;
-  c.idx_row = row * p.row_numel;
-  c.ri = row_info(p.table, p.level, p.row_bytes, p.row_groups, row);
-  char* rowp = static_cast<char*>(p.out) + c.idx_row * Elem<DT>::size;
+  const Tile c = locate<DT>(p, tile, threadIdx.x & 31, p.out);
+  char* rowp = const_cast<char*>(c.row);
   const bool aligned = (reinterpret_cast<uintptr_t>(rowp) & 15) == 0;
   with_level(c.ri.level, [&](auto L) {
     decompress_tile<DT, decltype(L)::bits, decltype(L)::avg>(rowp, aligned, c, p);
@@ -165,17 +158,10 @@ AQ_DEV void decompress_generic_tile(char* row, const Tile& c, const DecompressPa
 
 template <int DT>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock) decompress_generic(DecompressParams p) {
-  const int lane = threadIdx.x & 31;
   const int64_t tile = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (tile >= p.rows * p.tiles_per_row) return;
-  Tile c;
-  c.lane = lane;
-  int64_t row;
-  split_tile(tile, p.tiles_per_row, row, c.t);
-  c.F = p.row_numel;
-  c.idx_row = row * p.row_numel;
-  c.ri = row_info(p.table, p.level, p.row_bytes, p.row_groups, row);
-  char* rowp = static_cast<char*>(p.out) + c.idx_row * Elem<DT>::size;
+  const Tile c = locate<DT>(p, tile, threadIdx.x & 31, p.out);
+  char* rowp = const_cast<char*>(c.row);
   with_level(c.ri.level, [&](auto L) {
     decompress_generic_tile<DT, decltype(L)::bits, decltype(L)::avg>(rowp, c, p);
   });

@@ -28,12 +28,12 @@ static int64_t bits_blocks(int64_t n) {
 
 void launch_pack_bits(const BitsParams& b) {
   const int64_t blocks = bits_blocks(b.n);
-  if (blocks > 0) AQ_LAUNCH(blocks, kBitsThreads, b, pack_bits_kernel);
+  if (blocks > 0) AQ_LAUNCH(blocks, kBitsThreads, 0, b, pack_bits_kernel);
 }
 
 void launch_unpack_bits(const BitsParams& b) {
   const int64_t blocks = bits_blocks(b.n);
-  if (blocks > 0) AQ_LAUNCH(blocks, kBitsThreads, b, unpack_bits_kernel);
+  if (blocks > 0) AQ_LAUNCH(blocks, kBitsThreads, 0, b, unpack_bits_kernel);
 }
 
 }  // namespace aq

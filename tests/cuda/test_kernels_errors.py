@@ -39,8 +39,10 @@ def test_api_keyword_mixed_levels_and_layouts():
 
 def test_other_group_sizes_fall_back_to_a_second_pass():
     x = torch.randn(2, 3000, device="cuda")
-    _, found = aqcore.compress(x, "4", group_size=128, errors=True)
-    assert close(found, errors.level_errors(x.cpu(), 128))
+    _, found = aqcore.compress(x, "4", group_size=128, errors=True)  # one row: one level
+    assert close(found, errors.level_errors(x.cpu().reshape(1, -1), 128))
+    _, per_row = aqcore.compress(x, ["4", "aq1"], group_size=128, errors=True)
+    assert close(per_row, errors.level_errors(x.cpu(), 128))
 
 
 def test_non_finite_rows_give_non_finite_errors():
