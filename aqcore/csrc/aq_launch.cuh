@@ -12,19 +12,19 @@
 
 namespace aq {
 // Blocks of `kernel` resident on the whole current GPU at once (the persistent grid), after
-// raising its dynamic shared memory limit; computed once per kernel and device.
+// raising its dynamic shared memory limit. `cache` (one per kernel: the caller's static)
+// keeps the answer per device.
 template <class Kernel>
-int64_t resident_blocks(Kernel kernel, int threads, int smem) {
-  static int blocks[64] = {};
+int64_t resident_blocks(Kernel kernel, int threads, int smem, int (&cache)[64]) {
   int device = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  if (device < 64 && blocks[device] > 0) return blocks[device];
+  if (device < 64 && cache[device] > 0) return cache[device];
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   int per_sm = 0, sms = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int count = (per_sm > 0 ? per_sm : 1) * sms;
-  if (device < 64) blocks[device] = count;
+  if (device < 64) cache[device] = count;
   return count;
 }
 }  // namespace aq
@@ -49,7 +49,8 @@ void launch_compress_kernel(const CompressParams& p) {
     }
   }
   constexpr int smem = compress_smem_bytes<DT>();
-  const int64_t resident = resident_blocks(compress_tiles<DT, STATS>, threads, smem);
+  static int cache[64] = {};  // this kernel's resident blocks per device
+  const int64_t resident = resident_blocks(compress_tiles<DT, STATS>, threads, smem, cache);
   const int64_t needed = tile_blocks(tiles);
   AQ_LAUNCH(needed < resident ? needed : resident, threads, smem, p, compress_tiles<DT, STATS>);
 }
