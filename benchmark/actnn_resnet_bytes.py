@@ -6,9 +6,8 @@ trained for a few SGD steps so that weights and activations are not a fresh init
 
     python benchmark/actnn_resnet_bytes.py [--batch 32] [--seeds 8] [--json out.json]
 
-Bytes: every tensor autograd keeps for backward (stock layers' saved tensors, our Q-layers'
-exact saved tensors, compressed payloads + metadata, masks, pool offsets), storages counted
-once, parameters excluded. Gradient error: ||g - g_exact|| / ||g_exact|| on a fixed batch,
+Bytes: what the forward and loss allocate and leave held for backward (the profiler's
+allocation events: saved tensors, compressed payloads + metadata, masks, pool offsets). Gradient error: ||g - g_exact|| / ||g_exact|| on a fixed batch,
 averaged over independent rounding seeds, after `warmup` steps let the per-layer
 allocation adapt (no optimizer step, so every measurement sees the same weights).
 """
@@ -18,90 +17,28 @@ import argparse
 import contextlib
 import copy
 import json
+import sys
 from pathlib import Path
 
-import numpy as np
-
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
-import actnn_aq
-import aqcore
-from actnn_aq import scheme
-from actnn_aq.saved import Packed
-from aqcore import allocate_bits
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x):
-        out = self.relu(self.bn1(self.conv1(x)))
-        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
-
-
-def resnet(widths=(16, 32, 64), blocks=2, classes=10) -> nn.Module:
-    """ResNet for 32x32 inputs, with an ImageNet-style max-pool stem."""
-    layers = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU(inplace=True),
-              nn.MaxPool2d(3, 2, 1)]
-    cin = widths[0]
-    for i, w in enumerate(widths):
-        for b in range(blocks):
-            layers.append(BasicBlock(cin, w, 2 if (b == 0 and i > 0) else 1))
-            cin = w
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes)]
-    return nn.Sequential(*layers)
-
-
-def digits(n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    data = np.load(Path(__file__).parent / "data" / "digits.npz")
-    images = torch.from_numpy(data["images"][offset:offset + n]).float().div(16).unsqueeze(1)
-    images = F.interpolate(images, size=32, mode="bilinear", align_corners=False).expand(-1, 3, -1, -1)
-    return (images - 0.3) / 0.4, torch.from_numpy(data["labels"][offset:offset + n]).long()
+import actnn_aq  # noqa: E402
+import aqcore  # noqa: E402
+from actnn_aq import scheme  # noqa: E402
+from aqcore import allocate_bits  # noqa: E402
+from common import allocated_during, digits, resnet  # noqa: E402
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
-    """Bytes autograd holds for backward after the forward and loss."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    storages: dict[int, int] = {}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in params:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(model(x), y)
-    compact = 0
-    seen, stack = set(), [loss.grad_fn]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        held = getattr(node, "held", None)
-        if isinstance(held, Packed):
-            compact += held.nbytes
-        for name in ("mask",):
-            if hasattr(node, name):
-                compact += getattr(node, name).nbytes
-        if hasattr(node, "offset"):
-            compact += node.offset.numel() * node.offset.element_size()
-        stack.extend(fn for fn, _ in node.next_functions)
+    """Bytes the forward and loss leave allocated for backward."""
+    held, loss = allocated_during(lambda: F.cross_entropy(model(x), y), x.device)
     loss.backward()
     model.zero_grad()
-    return sum(storages.values()) + compact
+    return held
 
 
 def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -160,14 +97,15 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.manual_seed(0)
-    base = resnet()
+    base = resnet(stem_pool=True)
+    images, labels = digits()
     opt = torch.optim.SGD(base.parameters(), lr=0.05, momentum=0.9)
     for step in range(30):
         opt.zero_grad()
-        images, labels = digits(32, 32 * step)
-        F.cross_entropy(base(images), labels).backward()
+        batch = slice(32 * step, 32 * step + 32)
+        F.cross_entropy(base(images[batch]), labels[batch]).backward()
         opt.step()
-    x, y = digits(args.batch, 1500)
+    x, y = images[1500:1500 + args.batch], labels[1500:1500 + args.batch]
     exact_grad = gradient(base, x, y)
     rows = []
     for name, level, kwargs in SETTINGS:

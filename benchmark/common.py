@@ -43,9 +43,13 @@ class BasicBlock(nn.Module):
         return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-def resnet(widths=(16, 32, 64), blocks: int = 2, classes: int = 10) -> nn.Module:
-    """A ResNet for 32x32 inputs (3 stages of basic blocks)."""
+def resnet(widths=(16, 32, 64), blocks: int = 2, classes: int = 10,
+           stem_pool: bool = False) -> nn.Module:
+    """A ResNet for 32x32 inputs (3 stages of basic blocks; stem_pool adds an
+    ImageNet-style 3x3 stride-2 max-pool after the stem)."""
     layers = [nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU()]
+    if stem_pool:
+        layers.append(nn.MaxPool2d(3, 2, 1))
     cin = widths[0]
     for stage, width in enumerate(widths):
         for block in range(blocks):
