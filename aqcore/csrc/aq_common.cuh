@@ -336,21 +336,11 @@ constexpr uint32_t kMix2 = 0x846ca68bu;
 constexpr uint32_t kGolden = 0x9e3779b9u;
 
 // mix32 after its first xorshift round: finish(x ^ (x >> 16)) == mix32(x).
-// The right shifts are written as high-half multiplies (x >> k == umulhi(x, 2^(32-k))): the
-// same bits, issued on the FMA pipe instead of the integer ALU the xors already load.
-AQ_DEV uint32_t shift_right(uint32_t x, int k) {
-#if defined(__CUDA_ARCH__)
-  return __umulhi(x, 1u << (32 - k));
-#else
-  return x >> k;
-#endif
-}
-
 AQ_DEV uint32_t mix_finish(uint32_t x) {
   x *= kMix1;
-  x ^= shift_right(x, 15);
+  x ^= x >> 15;
   x *= kMix2;
-  x ^= shift_right(x, 16);
+  x ^= x >> 16;
   return x;
 }
 
