@@ -83,7 +83,7 @@ def pack_mask(mask: torch.Tensor) -> CompressedTensor:
 
 
 def _compress_rows(rows: torch.Tensor, levels: tuple[Level, ...], seed: int, group_size: int,
-                   errors: bool):
+                   errors: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """(payload, meta, errors or None) from the backend of rows' device."""
     backend = _backend(rows.device)
     if not errors:
@@ -95,7 +95,8 @@ def _compress_rows(rows: torch.Tensor, levels: tuple[Level, ...], seed: int, gro
 
 
 def compress(x: torch.Tensor, level: "LevelSpec | Sequence[LevelSpec]", seed: int = 0,
-             group_size: int = DEFAULT_GROUP_SIZE, *, errors: bool = False):
+             group_size: int = DEFAULT_GROUP_SIZE, *, errors: bool = False
+             ) -> "CompressedTensor | tuple[CompressedTensor, torch.Tensor | None]":
     """Compress x at a level ("aq0.25" ... "32"), or one level per row of dim 0.
 
     Floating tensors (fp32/fp16/bf16) are quantized; bool tensors are packed at one bit;
