@@ -1,0 +1,147 @@
+"""Training step time and activation memory: exact vs gact_aq vs actnn_aq, same batch.
+
+    python benchmark/train_step.py --model resnet50 [--batch 128] [--bit 1.5 --aq-bit 0.5]
+    python benchmark/train_step.py --model bert-large [--batch 32]
+
+Per mode: warm-up steps (gact_aq adapts its levels on the first), then the median of
+--steps timed steps (forward + backward + optimizer, synchronized). Activation memory =
+torch.cuda.memory_allocated after the loss minus before the forward (DESIGN.md section 6);
+peak = max_memory_allocated over one step. Results are appended, mode by mode, to
+benchmark/results/train_step_<model>_<gpu>.json with the command, GPU, torch and date.
+`--model tiny` runs a small ResNet on the bundled digits shape, also on the CPU.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import actnn_aq  # noqa: E402
+import gact_aq  # noqa: E402
+from common import allocated_during, median_ms, now, resnet  # noqa: E402
+from gact_aq.controller import Controller  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ("exact", "exact-bf16", "gact_aq", "actnn_aq")
+
+
+def build(name: str, batch: int, device: torch.device):
+    """(model, inputs, labels, loss_fn) for one benchmark model."""
+    if name == "bert-large":
+        from transformers import BertConfig, BertForSequenceClassification
+
+        config = BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                            intermediate_size=4096, num_labels=2, attn_implementation="eager")
+        model = BertForSequenceClassification(config).to(device)
+        inputs = torch.randint(0, config.vocab_size, (batch, 128), device=device)
+        labels = torch.randint(0, 2, (batch,), device=device)
+        return model, inputs, labels, lambda m, x, y: m(input_ids=x, labels=y).loss
+    if name == "resnet50":
+        import torchvision
+
+        model = torchvision.models.resnet50().to(device).to(memory_format=torch.channels_last)
+        inputs = torch.randn(batch, 3, 224, 224, device=device).to(memory_format=torch.channels_last)
+    else:
+        model = resnet().to(device)
+        inputs = torch.randn(batch, 3, 32, 32, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
+    return model, inputs, labels, lambda m, x, y: F.cross_entropy(m(x), y)
+
+
+def measure(mode: str, args, device: torch.device) -> dict:
+    torch.manual_seed(0)
+    model, x, y, loss_fn = build(args.model, args.batch, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mode == "exact-bf16" \
+        else contextlib.nullcontext()
+    controller = None
+    if mode == "gact_aq":
+        gact_aq.set_optimization_level("L2.2", bit=args.bit, aq_bit=args.aq_bit)
+        controller = Controller(model)
+        controller.install_hook()
+    elif mode == "actnn_aq":
+        actnn_aq.set_optimization_level("L3", bit=args.bit, aq_bit=args.aq_bit)
+        model = actnn_aq.QModule(model)
+
+    def backprop():
+        optimizer.zero_grad()
+        loss_fn(model, x[:8], y[:8]).backward()
+
+    def step():
+        optimizer.zero_grad()
+        with autocast:
+            loss = loss_fn(model, x, y)
+        loss.backward()
+        optimizer.step()
+
+    try:
+        adapt_s = 0.0
+        for i in range(args.warmup):
+            step()
+            if controller is not None:
+                start = now(device)
+                controller.iterate(backprop)
+                adapt_s += now(device) - start if i == 0 else 0.0
+        times = []
+        for _ in range(args.steps):
+            start = now(device)
+            step()
+            times.append(now(device) - start)
+        optimizer.zero_grad(set_to_none=False)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        with autocast:
+            held, loss = allocated_during(lambda: loss_fn(model, x, y), device)
+        loss.backward()
+        peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
+    finally:
+        if controller is not None:
+            controller.uninstall_hook()
+    return {"mode": mode, "step_ms": median_ms(times), "activation_mib": held / 2**20,
+            "peak_mib": None if peak is None else peak / 2**20, "adapt_s": adapt_s}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet50", choices=("resnet50", "bert-large", "tiny"))
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--bit", type=float, default=1.5)
+    parser.add_argument("--aq-bit", type=float, default=0.5)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    args = parser.parse_args()
+    args.batch = args.batch or {"resnet50": 128, "bert-large": 32, "tiny": 32}[args.model]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    out = RESULTS / f"train_step_{args.model}_{re.sub(r'[^a-z0-9]+', '_', gpu.lower())}.json"
+    report = {"command": "python " + " ".join(sys.argv), "gpu": gpu, "torch": torch.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "model": args.model, "batch": args.batch, "bit": args.bit, "aq_bit": args.aq_bit,
+              "records": []}
+    RESULTS.mkdir(exist_ok=True)
+    for mode in args.modes:
+        started = time.time()
+        record = measure(mode, args, device)
+        report["records"].append(record)
+        out.write_text(json.dumps(report, indent=1))
+        exact = report["records"][0]
+        print(f"{args.model} b{args.batch} {mode:<10} step {record['step_ms']:8.1f} ms "
+              f"({record['step_ms'] / exact['step_ms']:.2f}x)  act {record['activation_mib']:9.1f} MiB "
+              f"({exact['activation_mib'] / max(record['activation_mib'], 1e-9):.1f}x smaller)  "
+              f"adapt {record['adapt_s']:.1f} s  [{time.time() - started:.0f} s]", flush=True)
+
+
+if __name__ == "__main__":
+    main()
