@@ -51,7 +51,7 @@ class Observation:
         self.errors = errors  # (N, len(ladder)) float64, CPU
         self.sample_numel = sample_numel
         self.indices = indices  # dataset indices (use_gradient)
-        self.coef = 0.0  # own weight-gradient term, set by the layer
+        self.coef: float | torch.Tensor = 0.0  # own weight-gradient term, set by the layer
         self.fan = 0.0  # weighted layers: fan_in, mean(x^2) of their input, ||W_c||^2 per output
         self.mean_sq = 0.0
         self.out_sq: torch.Tensor | None = None
@@ -62,9 +62,9 @@ class Observation:
     def backward(self, grad_output: torch.Tensor, noise: InputNoise | None = None) -> None:
         """Record ||g_n||^2, and how the input error reaches the input gradient."""
         g = grad_output.detach()
-        sq = g.reshape(g.shape[0], -1).float().square().sum(1).double().cpu() if g.dim() > 1 else \
-            g.float().square().sum().double().cpu().reshape(1)
-        self.grad_sq = torch.where(torch.isfinite(sq), sq, torch.nan)
+        sq = g.reshape(g.shape[0], -1).float().square().sum(1).double() if g.dim() > 1 else \
+            g.float().square().sum().double().reshape(1)
+        self.grad_sq = torch.where(torch.isfinite(sq), sq, torch.nan)  # to the host in update()
         self.noise = noise
         self.scheme.observed.append(self)
         self.scheme.controller.backward_running()
@@ -103,19 +103,20 @@ class LayerScheme:
             return Plan(cfg.fixed_level, seed, cfg.group_size, cfg.swap), None
         rows = (x.reshape(1, -1) if x.dim() < 2 else rows_in_memory_order(x)).detach()
         ladder = self.controller.ladder
-        errors = aqcore.level_errors(rows, cfg.group_size, ladder).double().cpu()
+        errors, mean_sq, out_sq = _to_host(
+            aqcore.level_errors(rows, cfg.group_size, ladder),
+            rows.float().square().mean() if fan is not None else None,
+            weight.detach().flatten(1).float().square().sum(1) if weight is not None else None)
         obs = Observation(self, errors, rows.shape[1], self.controller.batch_indices(rows.shape[0]))
         if fan is not None:
-            obs.fan, obs.mean_sq = fan, rows.float().square().mean().item()
-            if weight is not None:
-                obs.out_sq = weight.detach().flatten(1).float().square().sum(1).double().cpu()
+            obs.fan, obs.mean_sq, obs.out_sq = fan, mean_sq.item(), out_sq
             self.controller.last_weighted = obs
         else:
             obs.source = self.controller.last_weighted
         sizes = np.full(rows.shape[0], float(rows.shape[1]))
         bits = self.bits if self.bits is not None else cfg.bit
         choice = allocate_bits(sizes, self.sample_scale(obs), _finite(errors), self.controller.level_bits,
-                               bits * sizes.sum() * (1 + BUDGET_SLACK))
+                               bits * sizes.sum() * (1 + BUDGET_SLACK), method="lp")
         levels = [ladder[i] for i in choice]
         level = levels[0] if x.dim() < 2 or len(set(levels)) == 1 else levels
         return Plan(level, seed, cfg.group_size, cfg.swap), obs
@@ -137,11 +138,13 @@ class LayerScheme:
     def sensitivity(self, obs: Observation) -> np.ndarray:
         """C_n = coef * S_n + the propagated term (sensitivity.py); 0 where not finite
         (statistics of non-finite activations)."""
-        c = obs.coef * self.sample_scale(obs) + obs.propagated()
+        c = float(obs.coef) * self.sample_scale(obs) + obs.propagated()
         return np.nan_to_num(c, nan=0.0, posinf=0.0)
 
     def update(self) -> None:
         """Fold this backward's observations into the gradient statistics."""
+        for obs in self.observed:  # after the backward: no pipeline stall
+            obs.grad_sq = obs.grad_sq.cpu()
         grads = torch.cat([o.grad_sq for o in self.observed])
         finite = grads[~torch.isnan(grads)]
         if len(finite):
@@ -160,6 +163,14 @@ class LayerScheme:
         old = self.sample_grad[indices]
         new = torch.where(torch.isnan(old), grad_sq, 0.5 * old + 0.5 * grad_sq)
         self.sample_grad[indices] = torch.where(torch.isnan(grad_sq), old, new)
+
+
+def _to_host(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """float64 CPU copies of a forward's statistics, in one device sync instead of one each."""
+    present = [t for t in tensors if t is not None]
+    flat = torch.cat([t.reshape(-1).double() for t in present]).cpu()
+    parts = iter(flat.split([t.numel() for t in present]))
+    return [next(parts).view(t.shape) if t is not None else None for t in tensors]
 
 
 def _finite(errors: torch.Tensor) -> np.ndarray:

@@ -44,9 +44,9 @@ def conv_transpose_coef(kernel_numel: int, groups: int, out_positions: int) -> f
     return kernel_numel / (groups * max(out_positions, 1))
 
 
-def norm_coef(sample_numel: int, invstd: torch.Tensor) -> float:
+def norm_coef(sample_numel: int, invstd: torch.Tensor) -> torch.Tensor:
     """BatchNorm / LayerNorm weight gradient: mean(invstd^2) / F."""
-    return invstd.float().square().mean().item() / max(sample_numel, 1)
+    return invstd.detach().float().square().mean() / max(sample_numel, 1)
 
 
 def conv_fan(kernel_numel: int, in_channels: int, groups: int) -> float:
@@ -56,7 +56,7 @@ def conv_fan(kernel_numel: int, in_channels: int, groups: int) -> float:
 
 
 def _per_sample(t: torch.Tensor, n: int) -> torch.Tensor:
-    return t.reshape(n, -1).mean(1).double().cpu()
+    return t.reshape(n, -1).mean(1).double()
 
 
 @dataclass
@@ -81,12 +81,13 @@ class InputNoise:
         source most of it lies there, so ||.||^2 ~ M^2 / (inv_var_c ||W_c||^2) (out_sq =
         ||W_c||^2; without it the isotropic ||W_c||^2 = 1 / (inv_var_c mean(x_s^2))).
         """
-        total = fan * mean_sq * self.independent
+        total = fan * mean_sq * self.independent.cpu()
         if self.along_output is not None:
-            if out_sq is not None and out_sq.shape == self.along_output.shape:
-                per_channel = self.along_output / out_sq.clamp_min(1e-30)
+            along = self.along_output.cpu()
+            if out_sq is not None and out_sq.shape == along.shape:
+                per_channel = along / out_sq.clamp_min(1e-30)
             else:
-                per_channel = self.along_output * self.inv_var * mean_sq
+                per_channel = along * self.inv_var.cpu() * mean_sq
             total = total + per_channel.mean()
         return total
 
@@ -110,7 +111,7 @@ def batch_norm_noise(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invst
     scale = (weight.float().square() if weight is not None else 1.0) * inv_var
     u = (scale * inv_var * m.square()).mean()
     v = scale * inv_var * gf.square().mean(dims)
-    return InputNoise(u.double().cpu().expand(x.shape[0]), v.double().cpu(), inv_var.double().cpu())
+    return InputNoise(u.double().expand(x.shape[0]), v.double(), inv_var.double())
 
 
 def layer_norm_noise(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,

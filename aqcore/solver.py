@@ -7,6 +7,9 @@ sum_i w_i bits[l_i] <= budget: a multiple-choice knapsack.
 
 Two methods behind one signature:
 - "greedy": the published heap allocators (ActNN, GACT, their AQ variants), generically.
+- "lp": the LP relaxation on each unit's convex hull, rounded down and repaired: no search,
+  for allocations made on every training step (its distance from the optimum is at most one
+  unit's hull step; `lower_bound` measures it).
 - "exact" (default): the LP relaxation solved on each unit's convex hull and rounded, the
   leftover budget repaired, the greedy answer as a fallback candidate. When the best of these
   is not provably within GAP_TOLERANCE of the LP bound, or the problem is small, an exact
@@ -24,7 +27,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 from scipy.sparse import csr_array
 
-METHODS = ("exact", "greedy")
+METHODS = ("exact", "greedy", "lp")
 GAP_TOLERANCE = 1e-3  # "exact" returns an objective <= (1 + GAP_TOLERANCE) * optimum...
 SMALL_PROBLEM = 4000  # ...and the optimum when n_units * n_levels <= this (if the search ends)
 REPAIR_ROUNDS = 8
@@ -59,8 +62,10 @@ def allocate_bits(sizes, sensitivity, errors, level_bits, budget: float,
         raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHODS)}")
     inst = _validate(sizes, sensitivity, errors, level_bits, budget)
     best = _lowest_error_levels(inst)
-    if method == "exact" and _cost(inst.sizes, inst.bits, best) <= inst.budget:
+    if method != "greedy" and _cost(inst.sizes, inst.bits, best) <= inst.budget:
         return best  # every unit at its best level fits: nothing to trade off
+    if method == "lp":
+        return _lp_rounded(inst)
     greedy = _greedy(inst)
     if method == "greedy":
         return greedy
@@ -312,6 +317,14 @@ def _exact(inst: _Instance, greedy: np.ndarray) -> np.ndarray:
             optimum = _solve_milp(inst, best)
         best = _better(inst, best, optimum)
     return best
+
+
+def _lp_rounded(inst: _Instance) -> np.ndarray:
+    """The LP relaxation's integral part, leftover budget spent by repair rounds."""
+    path, rate = _convex_hulls(inst)
+    segs = _hull_segments(inst, path, rate)
+    taken, _ = _lp_prefix(inst, path, segs)
+    return _repair(inst, _after(path, segs, taken))
 
 
 def _better(inst: _Instance, best: np.ndarray, candidate: np.ndarray | None) -> np.ndarray:

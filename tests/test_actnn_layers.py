@@ -315,7 +315,8 @@ def test_autocast(name):
 
 
 def test_channels_last():
-    actnn_aq.set_optimization_level("L3", bit=4)
+    torch.manual_seed(0)
+    actnn_aq.set_optimization_level("L2", bit=8)
     ref = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.BatchNorm2d(6))
     ref = ref.to(memory_format=torch.channels_last)
     q = convert(copy.deepcopy(ref))
@@ -325,7 +326,7 @@ def test_channels_last():
     y_q, grads_q = run(q, x, g)
     assert torch.equal(y_ref, y_q)
     for got, want in zip(grads_q, grads_ref):
-        assert (got - want).norm() <= 0.2 * want.norm()
+        assert (got - want).norm() <= 0.05 * want.norm()
 
 
 def test_inplace_layers_modify_their_input_like_torch():

@@ -210,6 +210,31 @@ def test_exact_within_a_tenth_of_a_percent_of_the_lp_bound(seed):
     assert bound <= objective(sens, errors, choice) <= bound * (1 + 1e-3)
 
 
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("n", [128, 10_000])
+def test_lp_rounding_is_feasible_and_close_to_the_bound(seed, n):
+    """The per-step method: no search, still within 1% of the LP bound on per-sample
+    instances (ActNN's: every sample of a layer has the same size)."""
+    sizes, sens, errors, bits, budget = realistic_instance(np.random.default_rng(seed), n)
+    budget = budget / sizes.sum() * 4096 * n
+    sizes = np.full(n, 4096.0)
+    instance = sizes, sens, errors, bits, budget
+    choice = allocate_bits(*instance, method="lp")
+    exact = allocate_bits(*instance)
+    bound = lower_bound(*instance)
+    assert cost(sizes, bits, choice) <= budget
+    assert objective(sens, errors, exact) <= objective(sens, errors, choice) <= bound * 1.01
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=SEEDS, n=st.integers(1, 30), n_levels=st.integers(1, 5), ties=st.booleans())
+def test_lp_rounding_never_exceeds_the_budget(seed, n, n_levels, ties):
+    sizes, sens, errors, bits, budget = random_instance(np.random.default_rng(seed), n, n_levels, ties)
+    choice = allocate_bits(sizes, sens, errors, bits, budget, method="lp")
+    assert cost(sizes, bits, choice) <= budget
+    assert np.isfinite(np.asarray(errors)[np.arange(n), choice]).all()
+
+
 def test_exact_beats_greedy_where_the_greedy_overshoots():
     """The GACT hand example (test_greedy_reproduces_gact_ladder_by_hand): greedy stops at 11
     of 12 bits with bits 1, 2, 8 (objective 1 + 100/9 + 10^4/255^2 = 12.27); the optimum
@@ -316,7 +341,7 @@ def test_bad_input_raises(args, match):
 
 
 def test_unknown_method_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="valid: exact, greedy"):
+    with pytest.raises(ValueError, match="valid: exact, greedy, lp"):
         allocate_bits([1], [1], [[0, 1]], [8, 1], 8, method="dp")
 
 
