@@ -15,7 +15,9 @@ import math
 import os
 import time
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Sequence
 
@@ -23,8 +25,8 @@ import torch
 
 from . import noise
 from .errors import ERROR_LEVELS, level_errors
-from .format import ROW_ALIGN, RowLayout, row_bytes, row_layout
-from .levels import Level
+from .format import ROW_ALIGN, groups_per_row, row_bytes
+from .levels import QUANTIZED_LEVELS, Level
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 FAST_GROUP_SIZE = 256   # the group size the fast kernels (and fused error statistics) serve
@@ -137,26 +139,77 @@ def _level_id(level: Level) -> int:
         raise ValueError(f"the kernels compress quantized levels only, not {level}") from None
 
 
-def _to_device(values: list[list[int]], device: torch.device) -> torch.Tensor:
-    table = torch.tensor(values, dtype=torch.int64)
-    if device.type == "cuda":  # pinned + non_blocking: no host sync in the forward pass
-        return table.pin_memory().to(device, non_blocking=True)
-    return table.to(device)
+# The shared Level objects of levels.LEVELS by identity: hashing a frozen dataclass costs
+# ~0.5 us, and per-row level lists have a level per sample.
+_SHARED_IDS = {id(level): _LEVEL_IDS[(level.bits, level.avg)] for level in QUANTIZED_LEVELS}
+_LEVEL_OF_ID = {i: next(l for l in QUANTIZED_LEVELS if (l.bits, l.avg) == key)
+                for key, i in _LEVEL_IDS.items()}
 
 
-def _row_plan(levels: Sequence[Level], row_numel: int, group_size: int, device: torch.device):
-    """(layout, table, level, row_bytes, row_groups): where the kernels find each row.
+def _level_ids(levels: Sequence[Level]) -> bytes:
+    ids = [_SHARED_IDS.get(id(level)) for level in levels]
+    if None in ids:
+        ids = [_level_id(level) for level in levels]
+    return bytes(ids)
 
-    One level for all rows: strides, no table. Mixed levels: a per-row table of
-    (level id, byte offset, group offset) following format.row_layout.
+
+@dataclass(frozen=True)
+class _Plan:
+    """Where the kernels find each row (format.row_layout), and the buffers' sizes.
+
+    One level for all rows: strides, no table. Mixed levels: a per-row device table of
+    (level id, byte offset, group offset) and level -1.
     """
-    layout: RowLayout = row_layout(levels, row_numel, group_size)
-    ids = [_level_id(level) for level in levels]
-    if len(set(ids)) == 1:
-        rows = len(levels)
-        return layout, None, ids[0], layout.total_bytes // rows, layout.total_groups // rows
-    table = [[i, b, g] for i, b, g in zip(ids, layout.byte_offsets, layout.group_offsets)]
-    return layout, _to_device(table, device), -1, 0, 0
+
+    total_bytes: int
+    total_groups: int
+    padded: bool  # some row is shorter than its 16-byte aligned slot: zero the payload
+    table: "torch.Tensor | None"
+    level: int
+    row_bytes: int
+    row_groups: int
+
+
+_PLANS: "OrderedDict[tuple, _Plan]" = OrderedDict()
+_PLAN_CACHE_SIZE = 256
+
+
+def _make_plan(ids: bytes, row_numel: int, group_size: int, device: torch.device) -> _Plan:
+    sizes = {}
+    for i in set(ids):
+        level = _LEVEL_OF_ID[i]
+        nbytes = row_bytes(level, row_numel, group_size)
+        aligned = -(-nbytes // ROW_ALIGN) * ROW_ALIGN
+        sizes[i] = (aligned, groups_per_row(level, row_numel, group_size), aligned != nbytes)
+    padded = any(pad for _, _, pad in sizes.values())
+    if len(sizes) == 1:
+        aligned, groups, _ = sizes[ids[0]]
+        return _Plan(aligned * len(ids), groups * len(ids), padded, None, ids[0], aligned, groups)
+    byte_offsets = [0, *accumulate(sizes[i][0] for i in ids)]
+    group_offsets = [0, *accumulate(sizes[i][1] for i in ids)]
+    table = torch.tensor([list(ids), byte_offsets[:-1], group_offsets[:-1]], dtype=torch.int64)
+    table = table.t().contiguous()
+    if device.type == "cuda":  # pinned + non_blocking: no host sync in the forward pass
+        table = table.pin_memory().to(device, non_blocking=True)
+    else:
+        table = table.to(device)
+    return _Plan(byte_offsets[-1], group_offsets[-1], padded, table, -1, 0, 0)
+
+
+def _row_plan(levels: Sequence[Level], row_numel: int, group_size: int,
+              device: torch.device) -> _Plan:
+    """The plan of these rows, cached: building it takes ~1 us per row in Python, longer than
+    the kernels for small tensors. A table is reused on the stream that uploaded it only."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (_level_ids(levels), row_numel, group_size, device, stream)
+    plan = _PLANS.get(key)
+    if plan is None:
+        plan = _PLANS[key] = _make_plan(key[0], row_numel, group_size, device)
+        if len(_PLANS) > _PLAN_CACHE_SIZE:
+            _PLANS.popitem(last=False)
+    else:
+        _PLANS.move_to_end(key)
+    return plan
 
 
 def _signed64(seed: int) -> int:
@@ -169,18 +222,17 @@ def _compress(rows: torch.Tensor, levels: Sequence[Level], seed: int, group_size
     ops = _extension()
     rows = rows.contiguous()
     n_rows, row_numel = rows.shape
-    layout, table, level, stride, groups = _row_plan(levels, row_numel, group_size, rows.device)
-    padded = any(row_bytes(l, row_numel, group_size) % ROW_ALIGN for l in set(levels))
-    payload = (torch.zeros if padded else torch.empty)(layout.total_bytes, dtype=torch.uint8,
-                                                       device=rows.device)
-    meta = torch.empty(layout.total_groups, 2, dtype=torch.bfloat16, device=rows.device)
+    plan = _row_plan(levels, row_numel, group_size, rows.device)
+    payload = (torch.zeros if plan.padded else torch.empty)(plan.total_bytes, dtype=torch.uint8,
+                                                            device=rows.device)
+    meta = torch.empty(plan.total_groups, 2, dtype=torch.bfloat16, device=rows.device)
     fused = errors and group_size == FAST_GROUP_SIZE
     stats = None
     if fused:
         tiles = n_rows * math.ceil(row_numel / (TILE_GROUPS * group_size))
         stats = torch.empty(tiles, len(_LEVEL_IDS), dtype=torch.float32, device=rows.device)
-    ops.compress(rows, payload, meta, table, stats, level, group_size, _signed64(seed),
-                 noise.stream_key(seed), stride, groups)
+    ops.compress(rows, payload, meta, plan.table, stats, plan.level, group_size, _signed64(seed),
+                 noise.stream_key(seed), plan.row_bytes, plan.row_groups)
     if not errors:
         return payload, meta, None
     if fused:
@@ -209,9 +261,9 @@ def decompress_rows(payload: torch.Tensor, meta: torch.Tensor, levels: Sequence[
     ops = _extension()
     target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype,
                                                          device=out.device)
-    _, table, level, stride, groups = _row_plan(levels, out.shape[1], group_size, out.device)
-    ops.decompress(payload.contiguous(), meta.contiguous(), target, table, level, group_size,
-                   stride, groups)
+    plan = _row_plan(levels, out.shape[1], group_size, out.device)
+    ops.decompress(payload.contiguous(), meta.contiguous(), target, plan.table, plan.level,
+                   group_size, plan.row_bytes, plan.row_groups)
     if target is not out:
         out.copy_(target)
     return out

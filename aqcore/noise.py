@@ -4,9 +4,17 @@ The uniform noise of stochastic rounding is a hash of (seed, code index), not th
 of a generator, so the CUDA kernels and this reference produce the same bytes and a
 compressed tensor can be checked or decompressed anywhere (DESIGN.md section 2).
 
-    key(seed, hi) = mix32(seed_lo ^ mix32(seed_hi ^ mix32(hi ^ 0x9E3779B9)))
-    u(seed, i)    = (mix32(i_lo ^ key(seed, i_hi)) >> 8) * 2**-24        in [0, 1)
+One 32-bit hash serves the two codes of a pair (index i and its neighbour i ^ 1), 16 bits
+each: the hash is the costliest part of compressing a code, and 16 bits of noise are far
+finer than any level's step. With p = i >> 1 (the pair):
 
+    key(seed, hi) = mix32(seed_lo ^ mix32(seed_hi ^ mix32(hi ^ 0x9E3779B9)))
+    h(seed, p)    = mix32(p_lo ^ key(seed, p_hi))
+    u(seed, i)    = (half + 0.5) * 2**-16 in (0, 1),  half = h >> 16 (i even), h & 0xFFFF (i odd)
+
+p_lo, p_hi: the low and high 32 bits of p; tensors of at most 2**33 code slots use key(seed,
+0) throughout. The + 0.5 centres each of the 2**16 values in its cell, so the rounding
+floor(t + u) has expectation t to within 2**-17 of a step (without it, up to 2**-16 low).
 mix32 is the "lowbias32" integer finalizer (Wellons): xorshift-multiply rounds.
 """
 from __future__ import annotations
@@ -55,15 +63,17 @@ def stream_key(seed: int, hi: int = 0) -> int:
 
 
 def uniform(seed: int, index: torch.Tensor, index_bound: int) -> torch.Tensor:
-    """Uniform noise in [0, 1) as float32, one value per code index < index_bound (int64,
+    """Uniform noise in (0, 1) as float32, one value per code index < index_bound (int64,
     or int32 when index_bound <= 2**31)."""
-    lo = (index & MASK32).to(torch.int32) if index.dtype == torch.int64 else index
-    if index_bound > 1 << 32:
-        hi = index >> 32
+    pair = index >> 1
+    lo = (pair & MASK32).to(torch.int32) if pair.dtype == torch.int64 else pair
+    if index_bound > 1 << 33:
+        hi = pair >> 32
         key = torch.zeros_like(lo)
         for h in hi.unique().tolist():
             key = torch.where(hi == h, _signed32(stream_key(seed, h)), key)
     else:
         key = _signed32(stream_key(seed))
     h = mix32(lo ^ key)
-    return ((h >> 8) & 0xFFFFFF).to(torch.float32) * (2.0 ** -24)
+    half = torch.where((index & 1) == 0, (h >> 16) & 0xFFFF, h & 0xFFFF)
+    return (half.to(torch.float32) + 0.5) * (2.0 ** -16)

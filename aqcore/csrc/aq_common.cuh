@@ -202,24 +202,12 @@ AQ_DEV uint4 load_piece(const void* row, int64_t first, int64_t n, bool aligned,
   return v;
 }
 
-// Stores a piece of float values (converted round-to-nearest-even) to [first, first+VU)
-// of a row of n elements, skipping elements past the end.
+// Stores the 16 bytes of a piece's output bits to elements [first, first + VU) of a row of
+// n elements, skipping elements past the end.
 template <int DT>
-AQ_DEV void store_piece(void* row, int64_t first, int64_t n, bool aligned, bool whole,
-                        const float (&v)[Elem<DT>::per_piece]) {
+AQ_DEV void store_piece_bits(void* row, int64_t first, int64_t n, bool aligned, bool whole,
+                             const uint4& out) {
   constexpr int VU = Elem<DT>::per_piece;
-  uint4 out;
-  if constexpr (DT == kF32) {
-    out = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
-                     __float_as_uint(v[3]));
-  } else {
-    uint32_t w[4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      w[i] = DT == kBF16 ? pack_bf16x2(v[2 * i], v[2 * i + 1]) : pack_f16x2(v[2 * i], v[2 * i + 1]);
-    }
-    out = make_uint4(w[0], w[1], w[2], w[3]);
-  }
   if (whole || (aligned && first + VU <= n)) {
     *reinterpret_cast<uint4*>(static_cast<char*>(row) + first * Elem<DT>::size) = out;
     return;
@@ -234,6 +222,25 @@ AQ_DEV void store_piece(void* row, int64_t first, int64_t n, bool aligned, bool 
       }
     }
   }
+}
+
+// Stores a piece of float values, converted round-to-nearest-even.
+template <int DT>
+AQ_DEV void store_piece(void* row, int64_t first, int64_t n, bool aligned, bool whole,
+                        const float (&v)[Elem<DT>::per_piece]) {
+  uint4 out;
+  if constexpr (DT == kF32) {
+    out = make_uint4(__float_as_uint(v[0]), __float_as_uint(v[1]), __float_as_uint(v[2]),
+                     __float_as_uint(v[3]));
+  } else {
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      w[i] = DT == kBF16 ? pack_bf16x2(v[2 * i], v[2 * i + 1]) : pack_f16x2(v[2 * i], v[2 * i + 1]);
+    }
+    out = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+  store_piece_bits<DT>(row, first, n, aligned, whole, out);
 }
 
 // Asynchronous 16-byte global -> shared copies (cp.async, L2 only): a warp prefetches its
@@ -329,46 +336,130 @@ AQ_DEV float bf16_round(float x, bool up) {
 }
 
 // ---------------------------------------------------------------------------------
-// Counter-based noise (noise.py): u(seed, i) = (mix32(lo(i) ^ key(seed, hi(i))) >> 8) * 2^-24.
+// Counter-based noise (noise.py): one hash per pair of codes p = i >> 1,
+// h = mix32(lo(p) ^ key(seed, hi(p))), u = (half + 0.5) * 2^-16 with half = h >> 16 for an
+// even code index i and h & 0xffff for an odd one.
+//
+// The kernels carry a code's noise as "noise bits": the float 2^23 + half, whose low 16
+// mantissa bits are the half. noise_value turns them into u with one exact FMA.
 
 constexpr uint32_t kMix1 = 0x7feb352du;
 constexpr uint32_t kMix2 = 0x846ca68bu;
 constexpr uint32_t kGolden = 0x9e3779b9u;
+constexpr uint32_t kMagic = 0x4b000000u;  // float bits of 2^23: integers 0..2^23 in the mantissa
 
-// mix32 after its first xorshift round: finish(x ^ (x >> 16)) == mix32(x).
-AQ_DEV uint32_t mix_finish(uint32_t x) {
+// The middle of mix32: mix32(x) == y ^ (y >> 16) with y = mix_rounds(x ^ (x >> 16)). The
+// last xorshift is left to the half extraction (even_bits / odd_bits), where it is free.
+AQ_DEV uint32_t mix_rounds(uint32_t x) {
   x *= kMix1;
   x ^= x >> 15;
-  x *= kMix2;
-  x ^= x >> 16;
-  return x;
+  return x * kMix2;
 }
 
-AQ_DEV uint32_t mix32(uint32_t x) { return mix_finish(x ^ (x >> 16)); }
+AQ_DEV uint32_t mix32(uint32_t x) {
+  const uint32_t y = mix_rounds(x ^ (x >> 16));
+  return y ^ (y >> 16);
+}
 
 AQ_DEV uint32_t stream_key(uint64_t seed, uint32_t hi) {
   const uint32_t inner = mix32(static_cast<uint32_t>(seed >> 32) ^ mix32(hi ^ kGolden));
   return mix32(static_cast<uint32_t>(seed) ^ inner);
 }
 
-// Keys of the 2^32-index blocks a group starting at absolute code index `first` can touch.
+// Bytes of a and b picked by the four selector nibbles (PRMT; b's bytes are 4..7).
+AQ_DEV uint32_t byte_perm(uint32_t a, uint32_t b, uint32_t selector) {
+#if defined(__CUDA_ARCH__)
+  return __byte_perm(a, b, selector);
+#else
+  const uint64_t both = static_cast<uint64_t>(a) | (static_cast<uint64_t>(b) << 32);
+  uint32_t r = 0;
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t pick = (selector >> (4 * i)) & 7u;
+    r |= static_cast<uint32_t>((both >> (8 * pick)) & 0xffu) << (8 * i);
+  }
+  return r;
+#endif
+}
+
+// Noise bits of the even code of a pair (the high half of h = high half of y): one funnel
+// shift of (kMagic >> 16 : y).
+AQ_DEV uint32_t even_bits(uint32_t y) {
+#if defined(__CUDA_ARCH__)
+  return __funnelshift_r(y, kMagic >> 16, 16);
+#else
+  return (y >> 16) | kMagic;
+#endif
+}
+
+// Noise bits of the odd code (low half of h = y_lo ^ y_hi), from the even code's bits.
+AQ_DEV uint32_t odd_bits(uint32_t y, uint32_t even) { return (y & 0xffffu) ^ even; }
+
+// u = (half + 0.5) * 2^-16 from noise bits: (2^23 + half) * 2^-16 - (128 - 2^-17), exact.
+AQ_DEV float noise_value(uint32_t bits) {
+  return __fmaf_rn(__uint_as_float(bits), 1.52587890625e-05f, -127.99999237060546875f);
+}
+
+// t + u, rounded once (the reference's t + u).
+AQ_DEV float add_noise(float t, uint32_t bits) { return __fadd_rn(t, noise_value(bits)); }
+
+// Keys of the pair blocks a group starting at absolute code index `first` can touch.
 struct GroupKeys {
-  uint32_t lo0;    // low 32 bits of the group's first index
-  uint32_t key_a;  // key of that index's block
+  uint32_t lo0;    // low 32 bits of the pair index of the group's first code
+  uint32_t key_a;  // key of that pair's block of 2^32 pairs
   uint32_t key_b;  // key of the next block (a group crosses at most one boundary)
+  uint32_t odd;    // the group's first code index is odd
 };
 
 AQ_DEV GroupKeys group_keys(uint64_t first, bool big, uint64_t seed, uint32_t key0) {
   GroupKeys k;
-  k.lo0 = static_cast<uint32_t>(first);
+  const uint64_t pair = first >> 1;
+  k.lo0 = static_cast<uint32_t>(pair);
+  k.odd = static_cast<uint32_t>(first & 1u);
   if (big) {
-    const uint32_t hi = static_cast<uint32_t>(first >> 32);
+    const uint32_t hi = static_cast<uint32_t>(pair >> 32);
     k.key_a = stream_key(seed, hi);
     k.key_b = stream_key(seed, hi + 1u);
   } else {
     k.key_a = k.key_b = key0;
   }
   return k;
+}
+
+// Noise bits of the code at offset `off` (< 2^31) after the group's first code: any index.
+AQ_DEV uint32_t noise_bits(const GroupKeys& k, uint32_t off) {
+  const uint32_t s = k.odd + off;
+  const uint32_t lo = k.lo0 + (s >> 1);
+  const uint32_t key = lo < k.lo0 ? k.key_b : k.key_a;
+  const uint32_t x = lo ^ key;
+  const uint32_t y = mix_rounds(x ^ (x >> 16));
+  const uint32_t even = even_bits(y);
+  return (s & 1u) ? odd_bits(y, even) : even;
+}
+
+// Noise bits of CU consecutive codes whose first code is even and whose first pair lo is a
+// multiple of CU / 2, from a = lo ^ (lo >> 16) ^ key ^ (key >> 16): pair lo + j has the
+// same high half, so mix32's first round of pair j is a ^ j (no carry, no second key).
+template <int CU>
+AQ_DEV void piece_noise(uint32_t a, uint32_t (&bits)[CU]) {
+  static_assert(CU % 2 == 0, "whole pairs");
+#pragma unroll
+  for (int j = 0; j < CU / 2; ++j) {
+    const uint32_t y = mix_rounds(a ^ static_cast<uint32_t>(j));
+    bits[2 * j] = even_bits(y);
+    bits[2 * j + 1] = odd_bits(y, bits[2 * j]);
+  }
+}
+
+// Unsigned minimum kept as one instruction (the compiler would fold a clamp followed by a
+// shift into compare + select of pre-shifted constants).
+AQ_DEV uint32_t umin_opaque(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  uint32_t r;
+  asm("min.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+#else
+  return a < b ? a : b;
+#endif
 }
 
 // bits | (1 << shift) when x >= 1 (a 1-bit code: min(floor(x), 1) for x >= 0).
@@ -381,19 +472,6 @@ AQ_DEV uint32_t set_bit_if_at_least_one(uint32_t bits, float x, uint32_t mask) {
 #else
   return x >= 1.0f ? (bits | mask) : bits;
 #endif
-}
-
-// Noise hash of the code at offset `off` (< 2^32) after the group's first index.
-AQ_DEV uint32_t noise_hash(const GroupKeys& k, uint32_t off) {
-  const uint32_t lo = k.lo0 + off;
-  const uint32_t key = lo < k.lo0 ? k.key_b : k.key_a;
-  return mix32(lo ^ key);
-}
-
-// t + u with u = float(h >> 8) * 2^-24, one rounding: float(h & ~0xff) * 2^-32 is the same
-// exact value (at most 24 significant bits), and the mask folds into mix32's last xor.
-AQ_DEV float add_noise(float t, uint32_t h) {
-  return __fmaf_rn(__uint2float_rn(h & 0xffffff00u), 2.3283064365386963e-10f, t);
 }
 
 // ---------------------------------------------------------------------------------
@@ -422,11 +500,11 @@ AQ_DEV GroupParams params_from_meta(float m0, float m1, int bits) {
 
 // The reference's rounding of one value, every special case included:
 // q = min(max(floor(t + u), 0), levels) with NaN -> 0, then the zero-keeping shift.
-AQ_DEV uint32_t quantize_exact(float v, const GroupParams& g, uint32_t h) {
+AQ_DEV uint32_t quantize_exact(float v, const GroupParams& g, uint32_t noise) {
   uint32_t q = 0;
   if (g.span > 0.0f) {
     const float t = __fmul_rn(__fsub_rn(v, g.base), g.scale);
-    q = __float2uint_rd(add_noise(t, h));  // saturates: negatives and NaN give 0
+    q = __float2uint_rd(add_noise(t, noise));  // saturates: negatives and NaN give 0
     q = q < g.levels ? q : g.levels;
   }
   q += g.zero_form ? 1u : 0u;

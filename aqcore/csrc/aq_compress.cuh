@@ -30,11 +30,10 @@ AQ_DEV RowInfo row_info(const int64_t* table, int level, int64_t row_bytes, int6
   return {level, row * row_bytes, row * row_groups};
 }
 
-// Row and tile-in-row of a tile; 64-bit division (~70 instructions) only when needed.
+// Row and tile-in-row of a tile past the first row; 64-bit division (~70 instructions) only
+// when needed.
 AQ_DEV void split_tile(int64_t tile, int64_t tiles_per_row, int64_t& row, int64_t& t) {
-  if (tile < tiles_per_row) {
-    row = 0;
-  } else if (tile <= 0xffffffffll && tiles_per_row <= 0xffffffffll) {
+  if (tile <= 0xffffffffll && tiles_per_row <= 0xffffffffll) {
     row = static_cast<uint32_t>(tile) / static_cast<uint32_t>(tiles_per_row);
   } else {
     row = tile / tiles_per_row;
@@ -53,27 +52,28 @@ struct Tile {
   bool whole;         // row start 16-byte aligned and the tile inside the row
 };
 
-// Where a tile lies; the row's level and offsets (c.ri) are read by the caller when needed
-// (a global load for mixed levels).
-template <int DT, class P>
-AQ_DEV Tile tile_geometry(const P& p, int64_t tile, int lane, const void* base, int64_t& row) {
-  Tile c;
-  c.lane = lane;
-  split_tile(tile, p.tiles_per_row, row, c.t);
-  c.F = p.row_numel;
-  c.idx_row = row * p.row_numel;
-  c.v0 = c.t * (kTileGroups * kFastGroup);
-  c.row = static_cast<const char*>(base) + c.idx_row * Elem<DT>::size;
-  c.whole = (reinterpret_cast<uintptr_t>(c.row) & 15) == 0 &&
-            c.v0 + kTileGroups * kFastGroup <= c.F;
-  return c;
-}
-
+// Where a tile lies, and its row's level and offsets (a table load for mixed levels). Tiles
+// of the first row (all of them for a one-row tensor) skip the 64-bit products.
 template <int DT, class P>
 AQ_DEV Tile locate(const P& p, int64_t tile, int lane, const void* base) {
-  int64_t row;
-  Tile c = tile_geometry<DT>(p, tile, lane, base, row);
-  c.ri = row_info(p.table, p.level, p.row_bytes, p.row_groups, row);
+  Tile c;
+  c.lane = lane;
+  c.F = p.row_numel;
+  if (tile < p.tiles_per_row) {
+    c.t = tile;
+    c.idx_row = 0;
+    c.row = static_cast<const char*>(base);
+    c.ri = row_info(p.table, p.level, 0, 0, 0);
+  } else {
+    int64_t row;
+    split_tile(tile, p.tiles_per_row, row, c.t);
+    c.idx_row = row * p.row_numel;
+    c.row = static_cast<const char*>(base) + c.idx_row * Elem<DT>::size;
+    c.ri = row_info(p.table, p.level, p.row_bytes, p.row_groups, row);
+  }
+  c.v0 = c.t * (kTileGroups * kFastGroup);
+  c.whole = (reinterpret_cast<uintptr_t>(c.row) & 15) == 0 &&
+            c.v0 + kTileGroups * kFastGroup <= c.F;
   return c;
 }
 
@@ -130,6 +130,55 @@ AQ_DEV float pair_value(const uint4& r, int lane) {
   return (lane & 1) ? v : other;
 }
 
+// The codes of one piece of a kFast (ZERO: kFastZero, B >= 2) group, first code lowest:
+// the reference's floor(t + u) and clamp for t >= 0 (v >= base) and finite parameters.
+// floor is a round-down add of 2^23 (2^23 + 1 folds the zero-keeping + 1 in) and the clamp an
+// unsigned min on those float bits; the 2^23s leave in one subtraction per piece (8-bit
+// codes: their low bytes are gathered instead). A zero of a zero-keeping group gets code 0.
+template <int B, int CU, class Bits, bool ZERO>
+AQ_DEV Bits fast_codes(const float (&v)[CU], float base, float scale,
+                       const uint32_t (&noise)[CU]) {
+  float x[CU];
+#pragma unroll
+  for (int cc = 0; cc < CU; ++cc) {
+    x[cc] = add_noise(__fmul_rn(__fsub_rn(v[cc], base), scale), noise[cc]);
+  }
+  if constexpr (B == 1) {
+    uint32_t bits = 0;
+#pragma unroll
+    for (int cc = 0; cc < CU; ++cc) bits = set_bit_if_at_least_one(bits, x[cc], 1u << cc);
+    return bits;
+  } else {
+    uint32_t r[CU];
+#pragma unroll
+    for (int cc = 0; cc < CU; ++cc) {
+      r[cc] = __float_as_uint(__fadd_rd(x[cc], ZERO ? 8388609.0f : 8388608.0f));
+      r[cc] = umin_opaque(r[cc], kMagic + (1u << B) - 1u);
+      if constexpr (ZERO) r[cc] = v[cc] == 0.0f ? kMagic : r[cc];
+    }
+    if constexpr (B == 8) {
+      static_assert(CU % 4 == 0, "whole words of 8-bit codes");
+      Bits bits = 0;
+#pragma unroll
+      for (int w = 0; w < CU / 4; ++w) {
+        const uint32_t lo = byte_perm(r[4 * w], r[4 * w + 1], 0x0040u);
+        const uint32_t hi = byte_perm(r[4 * w + 2], r[4 * w + 3], 0x0040u);
+        bits |= static_cast<Bits>(byte_perm(lo, hi, 0x5410u)) << (32 * w);
+      }
+      return bits;
+    } else {
+      static_assert(CU * B <= 32, "one word of codes");
+      uint32_t bits = 0, magic = 0;
+#pragma unroll
+      for (int cc = 0; cc < CU; ++cc) {
+        bits += r[cc] << (cc * B);  // an IMAD each
+        magic += kMagic << (cc * B);
+      }
+      return static_cast<Bits>(bits - magic);
+    }
+  }
+}
+
 // Compresses the groups of level (B, K) of one whole tile held in shared memory `buf`.
 template <int DT, int B, int K>
 AQ_DEV void compress_whole_tile(const uint4* buf, const Tile& c, const CompressParams& p) {
@@ -174,8 +223,8 @@ AQ_DEV void compress_whole_tile(const uint4* buf, const Tile& c, const CompressP
           mx = max2_nan<DT>(mx, word(r, w));
         }
       }
-      const uint32_t nx = neg2(mx);
-      red[gi] = min2_nan<DT>((mn & 0xffffu) | (nx << 16), (mn >> 16) | (nx & 0xffff0000u));
+      const uint32_t nx = neg2(mx);  // (min, -max) of both halves, then of the group
+      red[gi] = min2_nan<DT>(byte_perm(mn, nx, 0x5410u), byte_perm(mn, nx, 0x7632u));
     }
     const uint32_t r = transpose_reduce<M>(red, lane, [](uint32_t a, uint32_t b) {
       return min2_nan<DT>(a, b);
@@ -226,8 +275,10 @@ AQ_DEV void compress_whole_tile(const uint4* buf, const Tile& c, const CompressP
     const float pmin = transpose_reduce<M>(pm, lane, [](float a, float b) { return min_nan(a, b); });
     if (keep_zero && pmin != inf) lo = pmin;
   }
-  const float lo_r = bf16_round(lo, false);
-  const float hi_r = bf16_round(hi, true);
+  // bfloat16 values are their own bfloat16 rounding (only -0 becomes +0).
+  constexpr bool kExactBf16 = DT == kBF16 && K == 1;
+  const float lo_r = kExactBf16 ? __fadd_rn(lo, 0.0f) : bf16_round(lo, false);
+  const float hi_r = kExactBf16 ? __fadd_rn(hi, 0.0f) : bf16_round(hi, true);
   const bool zero_form = keep_zero || lo_r == hi_r;
   const float m0 = zero_form ? hi_r : lo_r;
   const float m1 = zero_form ? lo_r : hi_r;
@@ -247,77 +298,93 @@ AQ_DEV void compress_whole_tile(const uint4* buf, const Tile& c, const CompressP
     mode = kExact;
   }
 
-  // 3. Per group (a rolled loop: one copy of the code): rounding, packing, stores.
+  // 3. Rounding, packing, stores. Group gi's parameters live on lane gi * LPG.
   uint8_t* tile_bytes = p.payload + c.ri.byte_off + g0 * (kFastGroup * B / 8);
-  const uint32_t tile_lo0 = static_cast<uint32_t>(c.idx_row + g0 * kFastGroup);
-  const uint32_t fold0 = p.key0 ^ (p.key0 >> 16);  // mix32's first round, key part
-  const bool all_fast = __all_sync(kFull, mode == kFast) && !p.big;  // the common case
+  const uint64_t tile_first = static_cast<uint64_t>(c.idx_row + g0 * kFastGroup);  // code index
+
+  // One piece of a kFast / kFastZero group: noise of whole pairs when CU >= 2 (the mode
+  // guarantees the alignment), else one code's noise from the group keys.
+  auto fast_piece = [&](auto zero_tag, int gi, int s, float base, float scale,
+                        const GroupKeys& keys, uint32_t fold_a, uint32_t fold_b) {
+    const int pc = s * 32 + lane;
+    const int first = P == 1 ? pc * CU : pc / 2;
+    float v[CU];
+    values(gi, s, v);
+    uint32_t noise[CU];
+    if constexpr (CU >= 2) {
+      const uint32_t lo = keys.lo0 + static_cast<uint32_t>(first / 2);
+      const uint32_t fold = lo < keys.lo0 ? fold_b : fold_a;
+      piece_noise<CU>(lo ^ (lo >> 16) ^ fold, noise);
+    } else {
+      noise[0] = noise_bits(keys, static_cast<uint32_t>(first));
+    }
+    constexpr bool kZero = decltype(zero_tag)::value && B >= 2;  // 1-bit groups never keep zeros
+    const Bits bits = fast_codes<B, CU, Bits, kZero>(v, base, scale, noise);
+    store_codes<B, CU, P>(tile_bytes + gi * (kFastGroup * B / 8), pc, lane, bits);
+  };
+
+  if (__all_sync(kFull, mode == kFast || mode == kFastZero) && !p.big) {
+    // The common case, unrolled: no per-group branches but the zero-keeping choice.
+    const uint32_t zero_lanes = __ballot_sync(kFull, mode == kFastZero);
+    const uint32_t fold0 = p.key0 ^ (p.key0 >> 16);
+#pragma unroll
+    for (int gi = 0; gi < NG; ++gi) {
+      const int src = gi * LPG;
+      const float base = M > 0 ? __shfl_sync(kFull, mine.base, src) : mine.base;
+      const float scale = M > 0 ? __shfl_sync(kFull, mine.scale, src) : mine.scale;
+      const GroupKeys keys = group_keys(tile_first + gi * kFastGroup, false, p.seed, p.key0);
+      auto run = [&](auto zero_tag) {
+#pragma unroll
+        for (int s = 0; s < SG; ++s) fast_piece(zero_tag, gi, s, base, scale, keys, fold0, fold0);
+      };
+      if (B >= 2 && ((zero_lanes >> src) & 1u)) {
+        run(std::true_type{});
+      } else {
+        run(std::false_type{});
+      }
+    }
+    return;
+  }
+
 #pragma unroll 1
-  for (int gi = 0; gi < NG; ++gi) {
+  for (int gi = 0; gi < NG; ++gi) {  // a rolled loop: one copy of each mode's code
     GroupParams g = mine;
     int gmode = mode;
     if constexpr (M > 0) {
       const int src = gi * LPG;
       g.base = __shfl_sync(kFull, mine.base, src);
       g.scale = __shfl_sync(kFull, mine.scale, src);
-      if (all_fast) {
-        g.levels = (1u << B) - 1u;
-        g.zero_form = false;
-        gmode = kFast;
-      } else {
-        const uint32_t flags = __shfl_sync(kFull, mine.levels | (zero_form ? 256u : 0u) |
-                                                      (static_cast<uint32_t>(mode) << 9), src);
-        g.levels = flags & 255u;
-        g.zero_form = (flags & 256u) != 0;
-        gmode = static_cast<int>(flags >> 9);
-      }
+      const uint32_t flags = __shfl_sync(kFull, mine.levels | (zero_form ? 256u : 0u) |
+                                                    (static_cast<uint32_t>(mode) << 9), src);
+      g.levels = flags & 255u;
+      g.zero_form = (flags & 256u) != 0;
+      gmode = static_cast<int>(flags >> 9);
       g.span = 1.0f;  // only kExact reads it, and kExact groups have span > 0
     }
     uint8_t* bytes = tile_bytes + gi * (kFastGroup * B / 8);
-    const uint32_t lo0 = tile_lo0 + static_cast<uint32_t>(gi * kFastGroup);
-    GroupKeys keys{lo0, p.key0, p.key0};
-    uint32_t fold_a = fold0, fold_b = fold0;
-    if (p.big) {
-      keys = group_keys(static_cast<uint64_t>(c.idx_row + (g0 + gi) * kFastGroup), true, p.seed,
-                        p.key0);
-      fold_a = keys.key_a ^ (keys.key_a >> 16);
-      fold_b = keys.key_b ^ (keys.key_b >> 16);
-    }
+    const GroupKeys keys = group_keys(tile_first + gi * kFastGroup, p.big != 0, p.seed, p.key0);
+    const uint32_t fold_a = keys.key_a ^ (keys.key_a >> 16);
+    const uint32_t fold_b = keys.key_b ^ (keys.key_b >> 16);
 
     auto emit = [&](auto mode_tag) {
       constexpr int MODE = decltype(mode_tag)::value;
 #pragma unroll
       for (int s = 0; s < SG; ++s) {
+        if constexpr (MODE == kFast || MODE == kFastZero) {
+          fast_piece(std::integral_constant<bool, MODE == kFastZero>{}, gi, s, g.base, g.scale,
+                     keys, fold_a, fold_b);
+          continue;
+        }
         const int pc = s * 32 + lane;                     // piece within the group
         const int first = P == 1 ? pc * CU : pc / 2;      // its first code within the group
         float v[CU];
         if constexpr (MODE != kNonFinite) values(gi, s, v);
         Bits bits = 0;
-        if constexpr (MODE == kFast || MODE == kFastZero) {
-          const uint32_t lo_first = lo0 + static_cast<uint32_t>(first);
-          const uint32_t fold = (p.big && lo_first < lo0) ? fold_b : fold_a;
-          // mix32's first round folded: the CU codes share lo >> 16 and need no carry.
-          const uint32_t a = lo_first ^ (lo_first >> 16) ^ fold;
+        if constexpr (MODE == kExact) {
 #pragma unroll
           for (int cc = 0; cc < CU; ++cc) {
-            const uint32_t h = mix_finish(a ^ static_cast<uint32_t>(cc));
-            const float x = add_noise(__fmul_rn(__fsub_rn(v[cc], g.base), g.scale), h);
-            if constexpr (B == 1) {
-              bits = set_bit_if_at_least_one(bits, x, 1u << cc);
-            } else {
-              // floor(x) for 0 <= x < 2^23 by a round-down add of 2^23; garbage (clamped,
-              // then dropped) only for the zeros of zero-keeping groups.
-              uint32_t q = __float_as_uint(__fadd_rd(x, 8388608.0f)) - 0x4b000000u;
-              q = q < g.levels ? q : g.levels;
-              if constexpr (MODE == kFastZero) q = v[cc] == 0.0f ? 0u : q + 1u;
-              bits += static_cast<Bits>(q) * (Bits(1) << (cc * B));  // disjoint bits: an IMAD
-            }
-          }
-        } else if constexpr (MODE == kExact) {
-#pragma unroll
-          for (int cc = 0; cc < CU; ++cc) {
-            const uint32_t h = noise_hash(keys, static_cast<uint32_t>(first + cc));
-            bits |= static_cast<Bits>(quantize_exact(v[cc], g, h)) << (cc * B);
+            const uint32_t noise = noise_bits(keys, static_cast<uint32_t>(first + cc));
+            bits |= static_cast<Bits>(quantize_exact(v[cc], g, noise)) << (cc * B);
           }
         } else if constexpr (MODE == kFlat) {
 #pragma unroll
@@ -329,10 +396,6 @@ AQ_DEV void compress_whole_tile(const uint4* buf, const Tile& c, const CompressP
         store_codes<B, CU, P>(bytes, pc, lane, bits);
       }
     };
-    if (all_fast) {
-      emit(std::integral_constant<int, kFast>{});
-      continue;
-    }
     switch (gmode) {
       case kNonFinite: emit(std::integral_constant<int, kNonFinite>{}); break;
       case kFlat: emit(std::integral_constant<int, kFlat>{}); break;
@@ -529,7 +592,8 @@ AQ_DEV void compress_generic_tile(const char* row, const Tile& c, const Compress
       const int64_t j = first + k;
       uint32_t q = 0;
       if (finite && j < ncodes) {
-        q = quantize_exact(code_value<DT, K>(row, j, c.F), g, noise_hash(keys, static_cast<uint32_t>(k)));
+        const uint32_t noise = noise_bits(keys, static_cast<uint32_t>(k));
+        q = quantize_exact(code_value<DT, K>(row, j, c.F), g, noise);
       }
       store_codes<B, 1, 1>(bytes, k, lane, q & kMax);
     }
@@ -560,24 +624,20 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) compress_tiles(CompressPa
   int64_t tile = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + (threadIdx.x >> 5);
   if (tile >= total) return;
 
+  // A lane's pieces of a whole tile: one base address, constant offsets (no per-copy math).
   auto prefetch = [&](const Tile& c, uint4* stage) {
     if (!c.whole) return;
+    const char* src = c.row + (c.v0 + static_cast<int64_t>(lane) * VU) * Elem<DT>::size;
 #pragma unroll
-    for (int s = 0; s < TS; ++s) {
-      copy_async16(stage + s * 32 + lane,
-                   c.row + (c.v0 + static_cast<int64_t>(s * 32 + lane) * VU) * Elem<DT>::size);
-    }
+    for (int s = 0; s < TS; ++s) copy_async16(stage + s * 32 + lane, src + s * 32 * 16);
   };
-  int64_t unused_row;
-  prefetch(tile_geometry<DT>(p, tile, lane, p.in, unused_row), stages);
+  prefetch(locate<DT>(p, tile, lane, p.in), stages);
   copy_async_commit();
   for (int k = 0;; ++k) {
     const Tile cur = locate<DT>(p, tile, lane, p.in);  // a mixed-level row table load, early
     const int64_t next = tile + stride;
-    if (next < total) {
-      prefetch(tile_geometry<DT>(p, next, lane, p.in, unused_row),
-               stages + ((k + 1) & 1) * TS * 32);
-    }
+    const bool more = next < total;
+    if (more) prefetch(locate<DT>(p, next, lane, p.in), stages + ((k + 1) & 1) * TS * 32);
     copy_async_commit();
     copy_async_wait<1>();  // this lane's pieces of the current tile have landed
     const uint4* buf = stages + (k & 1) * TS * 32;
@@ -600,7 +660,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) compress_tiles(CompressPa
         compress_generic_tile<DT, decltype(L)::bits, decltype(L)::avg>(cur.row, cur, p);
       });
     }
-    if (next >= total) break;
+    if (!more) break;
     tile = next;
   }
 }

@@ -59,7 +59,7 @@ inline CompressParams compress_params(const at::Tensor& rows, at::Tensor& payloa
   p.key0 = static_cast<uint32_t>(key0);
   p.level = static_cast<int32_t>(level);
   p.group_size = static_cast<int32_t>(group_size);
-  p.big = static_cast<uint64_t>(p.rows) * static_cast<uint64_t>(p.row_numel) > (1ull << 32);
+  p.big = static_cast<uint64_t>(p.rows) * static_cast<uint64_t>(p.row_numel) > (1ull << 33);
   if (stats.has_value()) {
     TORCH_CHECK(group_size == kFastGroup, "fused error statistics need group_size 256");
     TORCH_CHECK(stats->scalar_type() == at::kFloat && stats->is_contiguous() &&

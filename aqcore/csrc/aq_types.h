@@ -30,7 +30,7 @@ struct CompressParams {
   uint32_t key0;          // noise.stream_key(seed, 0)
   int32_t level;
   int32_t group_size;
-  int32_t big;            // rows * row_numel > 2^32: the noise key depends on index >> 32
+  int32_t big;            // rows * row_numel > 2^33: the noise key depends on index >> 33
 };
 
 struct DecompressParams {

@@ -1,4 +1,4 @@
-"""Sizes past 2^31 bytes and 2^32 values: 64-bit indexing and the per-2^32 noise keys."""
+"""Sizes past 2^31 bytes and 2^33 values: 64-bit indexing and the per-2^32-pair noise keys."""
 import pytest
 import torch
 
@@ -75,16 +75,16 @@ def test_more_than_2_gib_of_float32_matches_the_reference_on_the_gpu(level):
 
 
 @pytest.mark.parametrize("level", ["2", "aq1"])
-def test_more_than_2_to_the_32_values_use_the_per_block_noise_keys(level):
-    row_numel = (1 << 31) + 1000  # two rows: row 1 crosses index 2^32 inside a group
-    if free_memory() < 16 * GIB:
-        pytest.skip("needs ~16 GiB of free GPU memory")
+def test_more_than_2_to_the_33_values_use_the_per_block_noise_keys(level):
+    row_numel = (1 << 32) + 1000  # two rows: row 1 crosses index 2^33 (pair 2^32) in a group
+    if free_memory() < 40 * GIB:
+        pytest.skip("needs ~40 GiB of free GPU memory")
     g = torch.Generator(device="cuda").manual_seed(3)
     x = torch.randn(2, row_numel, device="cuda", dtype=torch.bfloat16, generator=g)
     lvl = LEVELS[level]
     per_row = groups_per_row(lvl, row_numel, 256)
     groups = [(0, 0), (0, per_row - 1), (1, 0), (1, per_row - 1), (1, per_row // 2)]
-    crossing = ((1 << 32) - row_numel) // 256  # noise indices are code indices r * F + j
+    crossing = ((1 << 33) - row_numel) // 256  # noise indices are code indices r * F + j
     if crossing < per_row:
         groups += [(1, crossing - 1), (1, crossing), (1, crossing + 1)]
     check_groups(x, lvl, 2**63 + 99, groups)

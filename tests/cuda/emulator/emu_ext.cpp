@@ -42,8 +42,17 @@ void unpack_bits(const at::Tensor& packed, at::Tensor& out) {
   aq::launch_unpack_bits(aq::bits_params(packed, out, out.numel()));
 }
 
-// Noise of absolute code indices [first, first + n): row 0 through noise_hash (any index),
-// row 1 through the fast path of compress_whole_tile (lane-steps of `cu` codes).
+// Noise of absolute code indices [first, first + n): row 0 through noise_bits (any index),
+// row 1 through piece_noise (the fast path: pieces of `cu` codes, first a multiple of cu).
+template <int CU>
+void piece_path(const aq::GroupKeys& k, int64_t i, float* o) {
+  const uint32_t lo = k.lo0 + static_cast<uint32_t>(i / 2);
+  const uint32_t key = lo < k.lo0 ? k.key_b : k.key_a;
+  uint32_t bits[CU];
+  aq::piece_noise<CU>(lo ^ (lo >> 16) ^ key ^ (key >> 16), bits);
+  for (int c = 0; c < CU; ++c) o[i + c] = aq::noise_value(bits[c]);
+}
+
 at::Tensor noise_paths(int64_t seed, int64_t first, int64_t n, bool big, int64_t key0,
                        int64_t cu) {
   at::Tensor out = at::empty({2, n}, at::kFloat);
@@ -51,11 +60,13 @@ at::Tensor noise_paths(int64_t seed, int64_t first, int64_t n, bool big, int64_t
   const aq::GroupKeys k = aq::group_keys(static_cast<uint64_t>(first), big,
                                          static_cast<uint64_t>(seed), static_cast<uint32_t>(key0));
   for (int64_t i = 0; i < n; ++i) {
-    o[i] = aq::add_noise(0.0f, aq::noise_hash(k, static_cast<uint32_t>(i)));
-    const uint32_t lo_first = k.lo0 + static_cast<uint32_t>(i - i % cu);
-    const uint32_t key = lo_first < k.lo0 ? k.key_b : k.key_a;
-    const uint32_t a = lo_first ^ (lo_first >> 16) ^ key ^ (key >> 16);
-    o[n + i] = aq::add_noise(0.0f, aq::mix_finish(a ^ static_cast<uint32_t>(i % cu)));
+    o[i] = aq::noise_value(aq::noise_bits(k, static_cast<uint32_t>(i)));
+  }
+  for (int64_t i = 0; i < n; i += cu) {
+    if (cu == 2) piece_path<2>(k, i, o + n);
+    else if (cu == 4) piece_path<4>(k, i, o + n);
+    else if (cu == 8) piece_path<8>(k, i, o + n);
+    else o[n + i] = aq::noise_value(aq::noise_bits(k, static_cast<uint32_t>(i)));
   }
   return out;
 }

@@ -100,6 +100,11 @@ inline bool __all_sync(unsigned, bool pred) {
   for (int l = 0; l < 32; ++l) all &= emu::exchange<uint32_t>(pred ? 1u : 0u, l);
   return all != 0;
 }
+inline unsigned __ballot_sync(unsigned, bool pred) {
+  unsigned bits = 0;
+  for (int l = 0; l < 32; ++l) bits |= emu::exchange<uint32_t>(pred ? 1u : 0u, l) << l;
+  return bits;
+}
 inline bool __any_sync(unsigned, bool pred) {
   uint32_t any = 0;
   for (int l = 0; l < 32; ++l) any |= emu::exchange<uint32_t>(pred ? 1u : 0u, l);
