@@ -157,8 +157,9 @@ def _level_ids(levels: Sequence[Level]) -> bytes:
 class _Plan:
     """Where the kernels find each row (format.row_layout), and the buffers' sizes.
 
-    One level for all rows: strides, no table. Mixed levels: a per-row device table of
-    (level id, byte offset, group offset) and level -1.
+    One level for all rows: strides, no table. Mixed levels: level -1 and a device table of
+    (level id, byte offset, group offset, row) per row, sorted by level: the kernels take the
+    rows in that order, so that each SM mostly runs one level's code.
     """
 
     total_bytes: int
@@ -187,8 +188,9 @@ def _make_plan(ids: bytes, row_numel: int, group_size: int, device: torch.device
         return _Plan(aligned * len(ids), groups * len(ids), padded, None, ids[0], aligned, groups)
     byte_offsets = [0, *accumulate(sizes[i][0] for i in ids)]
     group_offsets = [0, *accumulate(sizes[i][1] for i in ids)]
-    table = torch.tensor([list(ids), byte_offsets[:-1], group_offsets[:-1]], dtype=torch.int64)
-    table = table.t().contiguous()
+    order = sorted(range(len(ids)), key=ids.__getitem__)  # rows of one level run together
+    table = torch.tensor([[ids[r], byte_offsets[r], group_offsets[r], r] for r in order],
+                         dtype=torch.int64)
     if device.type == "cuda":  # pinned + non_blocking: no host sync in the forward pass
         table = table.pin_memory().to(device, non_blocking=True)
     else:

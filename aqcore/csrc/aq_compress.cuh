@@ -20,18 +20,23 @@ struct RowInfo {
   int level;
   int64_t byte_off;
   int64_t group_off;
+  int64_t row;  // the row in the tensor (mixed levels: the table lists rows by level)
 };
 
+// Row i of the launch order. Mixed levels: table entry i = {level, byte offset, group offset,
+// row}, entries sorted by level so that the warps of an SM mostly run one level's code (the
+// unrolled level bodies do not fit the instruction cache together).
 AQ_DEV RowInfo row_info(const int64_t* table, int level, int64_t row_bytes, int64_t row_groups,
-                        int64_t row) {
+                        int64_t i) {
   if (table != nullptr) {
-    return {static_cast<int>(table[3 * row]), table[3 * row + 1], table[3 * row + 2]};
+    const int64_t* e = table + 4 * i;
+    return {static_cast<int>(e[0]), e[1], e[2], e[3]};
   }
-  return {level, row * row_bytes, row * row_groups};
+  return {level, i * row_bytes, i * row_groups, i};
 }
 
-// Row and tile-in-row of a tile past the first row; 64-bit division (~70 instructions) only
-// when needed.
+// Launch-order row and tile-in-row of a tile; 64-bit division (~70 instructions) only when
+// needed.
 AQ_DEV void split_tile(int64_t tile, int64_t tiles_per_row, int64_t& row, int64_t& t) {
   if (tile <= 0xffffffffll && tiles_per_row <= 0xffffffffll) {
     row = static_cast<uint32_t>(tile) / static_cast<uint32_t>(tiles_per_row);
@@ -53,23 +58,23 @@ struct Tile {
 };
 
 // Where a tile lies, and its row's level and offsets (a table load for mixed levels). Tiles
-// of the first row (all of them for a one-row tensor) skip the 64-bit products.
+// of the first row of a one-level launch (all of them for one row) skip the 64-bit products.
 template <int DT, class P>
 AQ_DEV Tile locate(const P& p, int64_t tile, int lane, const void* base) {
   Tile c;
   c.lane = lane;
   c.F = p.row_numel;
-  if (tile < p.tiles_per_row) {
+  if (tile < p.tiles_per_row && p.table == nullptr) {
     c.t = tile;
     c.idx_row = 0;
     c.row = static_cast<const char*>(base);
-    c.ri = row_info(p.table, p.level, 0, 0, 0);
+    c.ri = {p.level, 0, 0, 0};
   } else {
-    int64_t row;
-    split_tile(tile, p.tiles_per_row, row, c.t);
-    c.idx_row = row * p.row_numel;
+    int64_t i;
+    split_tile(tile, p.tiles_per_row, i, c.t);
+    c.ri = row_info(p.table, p.level, p.row_bytes, p.row_groups, i);
+    c.idx_row = c.ri.row * p.row_numel;
     c.row = static_cast<const char*>(base) + c.idx_row * Elem<DT>::size;
-    c.ri = row_info(p.table, p.level, p.row_bytes, p.row_groups, row);
   }
   c.v0 = c.t * (kTileGroups * kFastGroup);
   c.whole = (reinterpret_cast<uintptr_t>(c.row) & 15) == 0 &&
@@ -641,10 +646,11 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) compress_tiles(CompressPa
     copy_async_commit();
     copy_async_wait<1>();  // this lane's pieces of the current tile have landed
     const uint4* buf = stages + (k & 1) * TS * 32;
+    float* stats_at = STATS ? p.stats + (cur.ri.row * p.tiles_per_row + cur.t) * kStatColumns
+                            : nullptr;  // in the tensor's row order
     if (cur.whole) {
       if constexpr (STATS) {
-        tile_stats<DT>([&](int s) { return buf[s * 32 + lane]; }, lane, cur.v0, cur.F,
-                       p.stats + tile * kStatColumns);
+        tile_stats<DT>([&](int s) { return buf[s * 32 + lane]; }, lane, cur.v0, cur.F, stats_at);
       }
       with_level(cur.ri.level, [&](auto L) {
         compress_whole_tile<DT, decltype(L)::bits, decltype(L)::avg>(buf, cur, p);
@@ -654,7 +660,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock) compress_tiles(CompressPa
         tile_stats<DT>([&](int s) {
           return load_piece<DT>(cur.row, cur.v0 + static_cast<int64_t>(s * 32 + lane) * VU, cur.F,
                                 false, false);
-        }, lane, cur.v0, cur.F, p.stats + tile * kStatColumns);
+        }, lane, cur.v0, cur.F, stats_at);
       }
       with_level(cur.ri.level, [&](auto L) {
         compress_generic_tile<DT, decltype(L)::bits, decltype(L)::avg>(cur.row, cur, p);

@@ -20,8 +20,8 @@ inline int dtype_code(at::ScalarType t) {
 inline const int64_t* table_ptr(const c10::optional<at::Tensor>& table, int64_t rows) {
   if (!table.has_value()) return nullptr;
   TORCH_CHECK(table->scalar_type() == at::kLong && table->is_contiguous() &&
-                  table->numel() == 3 * rows,
-              "table must hold (level, byte offset, group offset) per row as int64");
+                  table->numel() == 4 * rows,
+              "table must hold (level, byte offset, group offset, row) per row as int64");
   return table->data_ptr<int64_t>();
 }
 

@@ -20,7 +20,7 @@ struct CompressParams {
   uint8_t* payload;
   uint32_t* meta;         // one (m0 | m1 << 16) word per group
   float* stats;           // (tiles, kStatColumns) error-model partials, or null
-  const int64_t* table;   // per row {level, byte offset, group offset}, or null
+  const int64_t* table;   // per row {level, byte offset, group offset, row} by level, or null
   int64_t rows;
   int64_t row_numel;
   int64_t tiles_per_row;
