@@ -179,7 +179,8 @@ def test_sdpa_saves_are_compressed_except_the_exact_logsumexp():
         out.square().sum().backward()
     assert shapes == [(8, 2, 64, 16)] * 4  # q, k, v, out (x needs no grad: kept)
     assert torch.allclose(flat(grads(proj)), exact, rtol=0.05, atol=0.05 * exact.abs().max())
-    gact_aq.set_optimization_level("L1")  # 4 bits: small noise, averaging away
+    # attention's backward is nonlinear in the saved q and k (softmax of their product), so
+    # rounding noise leaves a bias of second order: at 4 bits about 1% of the gradient
+    gact_aq.set_optimization_level("L1")
     g = gradient_samples(proj, backprop, steps=16)
-    single = (g - exact).square().sum(1).mean()
-    assert (g.mean(0) - exact).square().sum() * 16 / single < 2.0
+    assert (g.mean(0) - exact).norm() < 0.03 * exact.norm()
