@@ -7,7 +7,7 @@ Per mode: warm-up steps (gact_aq adapts its levels on the first), then the media
 --steps timed steps (forward + backward + optimizer, synchronized). Activation memory =
 torch.cuda.memory_allocated after the loss minus before the forward (DESIGN.md section 6);
 peak = max_memory_allocated over one step. Results are appended, mode by mode, to
-benchmark/results/train_step_<model>_<gpu>.json with the command, GPU, torch and date.
+benchmark/results/train_step_<model>_<bit>b_<gpu>.json with the command, GPU, torch and date.
 `--model tiny` runs a small ResNet on the bundled digits shape, also on the CPU.
 """
 from __future__ import annotations
@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -32,7 +34,30 @@ from common import allocated_during, median_ms, now, resnet  # noqa: E402
 from gact_aq.controller import Controller  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ("exact", "exact-bf16", "gact_aq", "actnn_aq")
+MODES = ("exact", "exact-bf16", "checkpoint", "gact_aq", "actnn_aq")
+
+
+class Checkpointed(nn.Module):
+    """Recompute a block in backward instead of keeping its activations."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return checkpoint(self.block, x, use_reentrant=False)
+
+
+def checkpoint_blocks(model: nn.Module, name: str) -> None:
+    """Gradient checkpointing of every residual block (every layer for BERT)."""
+    if name == "bert-large":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return
+    blocks = [(parent, name, child) for parent in model.modules()
+              for name, child in parent.named_children()
+              if type(child).__name__ in ("Bottleneck", "BasicBlock")]
+    for parent, name, child in blocks:
+        setattr(parent, name, Checkpointed(child))
 
 
 def build(name: str, batch: int, device: torch.device):
@@ -61,10 +86,13 @@ def build(name: str, batch: int, device: torch.device):
 def measure(mode: str, args, device: torch.device) -> dict:
     torch.manual_seed(0)
     model, x, y, loss_fn = build(args.model, args.batch, device)
+    model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mode == "exact-bf16" \
         else contextlib.nullcontext()
     controller = None
+    if mode == "checkpoint":
+        checkpoint_blocks(model, args.model)
     if mode == "gact_aq":
         gact_aq.set_optimization_level("L2.2", bit=args.bit, aq_bit=args.aq_bit)
         controller = Controller(model)
@@ -125,7 +153,7 @@ def main() -> None:
     args.batch = args.batch or {"resnet50": 128, "bert-large": 32, "tiny": 32}[args.model]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    out = RESULTS / f"train_step_{args.model}_{re.sub(r'[^a-z0-9]+', '_', gpu.lower())}.json"
+    out = RESULTS / f"train_step_{args.model}_{args.bit:g}b_{re.sub(r'[^a-z0-9]+', '_', gpu.lower())}.json"
     report = {"command": "python " + " ".join(sys.argv), "gpu": gpu, "torch": torch.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "model": args.model, "batch": args.batch, "bit": args.bit, "aq_bit": args.aq_bit,
