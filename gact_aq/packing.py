@@ -18,6 +18,8 @@ retain_graph / a second unpack just decompress again. Nothing is kept between it
 """
 from __future__ import annotations
 
+import abc
+
 import weakref
 from dataclasses import dataclass
 from typing import Optional
@@ -120,14 +122,14 @@ class Unit:
         return x
 
 
-class Plan:
+class Plan(abc.ABC):
     """Which level and seed a float unit gets; the Controller swaps plans between passes."""
 
-    def level(self, tid: int, x: torch.Tensor) -> Level:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def level(self, tid: int, x: torch.Tensor) -> Level: ...
 
-    def seed(self, tid: int) -> int:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def seed(self, tid: int) -> int: ...
 
 
 class Tracer:
