@@ -11,49 +11,135 @@ sum (x_hat - x)^2 that storing the row at that level adds:
                  replacing a run by its mean), plus the rounding variance of the 2-bit
                  averages, each repeated k times.
 
+A short last run averages the values it has and deviates about its own mean; a short
+last group counts its n_g values.
+
 The published allocators price AQ like 1-bit rounding; this uses the data instead.
+
+How it is computed (it runs once per layer per training step, so it must stay cheap on
+the GPU: no host synchronization, no data-dependent shapes, few ops and passes):
+
+  * every plain level shares one energy sum_g n_g R_g^2, from one min/max pass over the
+    (R, groups, group_size) view of the rows;
+  * runs of 2k are pairs of runs of k: their means are the pair means of the run-k means,
+    and by the law of total variance D_2k = D_k + k * sum over pairs (a, b) of run-k
+    means of (a - b)^2 / 2. Deviations come from differences, never from
+    sum x^2 - k * mean^2, so a large common offset does not swamp them. Each AQ level
+    costs a difference, a pair mean and a min/max over tensors half the size of the
+    level before, and only the runs the requested levels need are built;
+  * a ragged end (a short last run, a short last group) is merged from slices of a few
+    values with the unequal-count form of the same identity (counts n1, n2: the pair
+    adds n1 n2 / (n1 + n2) (a - b)^2), never by padding or copying the whole tensor;
+  * all columns come from one batched multiply-add.
+
+Sums are float32 (half-precision rows are read as they are for the ranges and upcast
+once for the averages).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from .levels import QUANTIZED_LEVELS, Level
-from .reference import _pad_groups, average_runs
 
 ERROR_LEVELS: tuple[Level, ...] = QUANTIZED_LEVELS
 
 
-def _range_energy(values: torch.Tensor, group_size: int) -> torch.Tensor:
-    """sum_g n_g R_g^2 per row of (R, n) values: the part every plain level shares."""
-    n = values.shape[1]
-    groups = _pad_groups(values, group_size)
-    spread = (groups.amax(-1) - groups.amin(-1)).square()
-    counts = torch.full((groups.shape[1],), float(group_size), device=values.device)
-    counts[-1] = n - (groups.shape[1] - 1) * group_size
-    return (spread * counts).sum(-1)
+def _min_max(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group (min, max) over the last dim in one aminmax pass; on the CPU amin + amax,
+    which are vectorized where aminmax is not (several times faster there)."""
+    if groups.device.type == "cpu":
+        return groups.amin(-1), groups.amax(-1)
+    return torch.aminmax(groups, dim=-1)
 
 
-def _rounding_error(energy: torch.Tensor, bits: int) -> torch.Tensor:
-    return energy / (6.0 * ((1 << bits) - 1) ** 2)
+def _range_root(body: torch.Tensor, tail: torch.Tensor | None,
+                group_size: int) -> torch.Tensor:
+    """sqrt(sum over groups g of (n_g / group_size) * R_g^2), float32 (R,), for each row
+    of the sequence body (R, q) followed by tail ((R,) or None: one more value per row).
+
+    The full groups come from one min/max over a view of body; the last, possibly short,
+    group from the fewer than group_size + 1 values left over, so nothing is padded. (The
+    root lets the caller square and scale in one op.)"""
+    rows, q = body.shape
+    full = q - q % group_size
+    root = None
+    if full:
+        head = body if full == q else body[:, :full]
+        low, high = _min_max(head.reshape(rows, full // group_size, group_size))
+        root = torch.linalg.vector_norm(high.float() - low.float(), dim=-1)
+    rest = body[:, full:] if full < q else None
+    if tail is not None:
+        tail = tail.unsqueeze(1)
+        rest = tail if rest is None else torch.cat([rest, tail], 1)
+    if rest is None:
+        return root
+    low, high = _min_max(rest)
+    spread = (high.float() - low.float()) * math.sqrt(rest.shape[1] / group_size)
+    return spread if root is None else torch.hypot(root, spread)
+
+
+def _halve(body: torch.Tensor, tail: torch.Tensor | None, tail_count: int, run: int,
+           deviation: torch.Tensor):
+    """Runs of `run` values -> runs of 2 * run.
+
+    body (R, q) holds the means of the full runs, tail (R,) the mean of a short last run
+    of tail_count values (None when run divides the row length), deviation D_run (R,).
+    Returns the same four for runs of 2 * run."""
+    rows, q = body.shape
+    half = q // 2
+    if half:
+        first, second = body[:, 0 : 2 * half : 2], body[:, 1 : 2 * half : 2]
+        # each pair (a, b) of run means adds run * (a - b)^2 / 2 (a difference: a large
+        # common offset drops out before anything is squared)
+        gap = torch.linalg.vector_norm(first - second, dim=-1)
+        deviation = torch.addcmul(deviation, gap, gap, value=run / 2)
+        means = torch.lerp(first, second, 0.5)
+    else:
+        means = body[:, :0]
+    if q % 2:  # the unpaired last full run joins the short run, or becomes it
+        odd = body[:, q - 1]
+        if tail is None:
+            tail, tail_count = odd, run
+        else:  # counts run and c: the pair adds run * c / (run + c) * (a - b)^2
+            share = tail_count / (run + tail_count)
+            gap = odd - tail
+            deviation = torch.addcmul(deviation, gap, gap, value=run * share)
+            tail = torch.lerp(odd, tail, share)
+            tail_count += run
+    return means, tail, tail_count, deviation
+
+
+def _rounding_scale(bits: int, group_size: int) -> float:
+    """Range energy in units of group_size (see _range_root) -> rounding variance."""
+    return group_size / (6.0 * ((1 << bits) - 1) ** 2)
 
 
 def level_errors(rows: torch.Tensor, group_size: int = 256,
                  levels: tuple[Level, ...] = ERROR_LEVELS) -> torch.Tensor:
     """(R, F) values -> (R, len(levels)) float32 expected squared error per row and level."""
-    rows = rows.float()
-    if rows.shape[1] == 0:
-        return rows.new_zeros(rows.shape[0], len(levels))
-    columns = []
-    plain_energy = None
-    for level in levels:
-        if level.avg == 1:
-            if plain_energy is None:
-                plain_energy = _range_energy(rows, group_size)
-            columns.append(_rounding_error(plain_energy, level.bits))
-            continue
-        means = average_runs(rows, level.avg)
-        repeated = means.repeat_interleave(level.avg, dim=1)[:, : rows.shape[1]]
-        deviation = (rows - repeated).square().sum(-1)
-        energy = _range_energy(means, group_size)
-        columns.append(deviation + level.avg * _rounding_error(energy, level.bits))
+    n_rows, n = rows.shape
+    if n == 0 or not levels:
+        return torch.zeros(n_rows, len(levels), device=rows.device)
+    runs = {level.avg for level in levels}
+    if any(k & (k - 1) for k in runs):
+        raise ValueError(f"level_errors: AQ runs must be powers of two, got {sorted(runs)}")
+    zero = torch.zeros(n_rows, device=rows.device)
+    roots, deviations = {}, {1: zero}
+    if 1 in runs:
+        roots[1] = _range_root(rows, None, group_size)
+    means, tail, tail_count, deviation, run = rows, None, 0, zero, 1
+    if max(runs) > 1:
+        means = rows.float()  # the one upcast of half-precision rows
+    while run < max(runs):
+        means, tail, tail_count, deviation = _halve(means, tail, tail_count, run, deviation)
+        run *= 2
+        if run in runs:
+            roots[run], deviations[run] = _range_root(means, tail, group_size), deviation
+    # every column is D_k + k * rounding_scale * root_k^2 (D_1 = 0): one batched op
+    columns = torch._foreach_addcmul(
+        [deviations[level.avg] for level in levels],
+        [roots[level.avg] for level in levels], [roots[level.avg] for level in levels],
+        [level.avg * _rounding_scale(level.bits, group_size) for level in levels])
     return torch.stack(columns, -1)
