@@ -19,10 +19,24 @@ LevelChoice = Union[Level, Sequence[Level], None]
 
 
 @dataclass(frozen=True)
+class Allocation:
+    """Levels per sample chosen on the device (aqcore.compress_allocated): the ladder, the
+    weights S_n, the target bits, the errors e_n(l) (N, len(ladder)), and the layer's budget
+    in bytes when it has a share of its own."""
+
+    ladder: tuple[Level, ...]
+    weights: torch.Tensor
+    bits: float
+    errors: torch.Tensor
+    budget: int | None = None
+
+
+@dataclass(frozen=True)
 class Plan:
     """How one call of a layer stores its input.
 
-    level: one level, one level per sample (row of dim 0), or None to keep the tensor exact.
+    level: one level, one level per sample (row of dim 0), or None: keep the tensor exact
+    unless `allocation` chooses levels per sample.
     swap: hold what is stored in (pinned) CPU memory until backward.
     """
 
@@ -30,6 +44,11 @@ class Plan:
     seed: int = 0
     group_size: int = 256
     swap: bool = False
+    allocation: Allocation | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.level is None and self.allocation is None
 
 
 EXACT = Plan()
@@ -52,9 +71,16 @@ class Packed:
 
     def __init__(self, x: torch.Tensor, plan: Plan):
         self.device = x.device
+        self.shape = x.shape
         self.data: CompressedTensor | torch.Tensor | None = None
-        if plan.level is not None:
-            ct = aqcore.compress(x, plan.level, seed=plan.seed, group_size=plan.group_size)
+        if not plan.exact:
+            if plan.allocation is not None:
+                a = plan.allocation
+                rows = x if x.dim() > 1 else x.reshape(1, -1)
+                ct, _ = aqcore.compress_allocated(rows, a.ladder, a.weights, a.bits, plan.seed,
+                                                  plan.group_size, a.errors, a.budget)
+            else:
+                ct = aqcore.compress(x, plan.level, seed=plan.seed, group_size=plan.group_size)
             self.data = ct.to("cpu", non_blocking=True) if plan.swap and x.device.type != "cpu" else ct
         elif plan.swap and x.device.type != "cpu":
             self.data = _to_host(x)
@@ -68,7 +94,7 @@ class Packed:
         if self.data is None:
             return kept
         data = self.data.to(self.device, non_blocking=True)
-        return aqcore.decompress(data) if isinstance(data, CompressedTensor) else data
+        return aqcore.decompress(data).view(self.shape) if isinstance(data, CompressedTensor) else data
 
     @property
     def nbytes(self) -> int:

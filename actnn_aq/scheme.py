@@ -11,26 +11,32 @@ sample n at a level (aqcore.level_errors, DESIGN.md section 5), C_n its sensitiv
 (sensitivity.py; S_n = ||g_n||^2 of the layer's output gradient, ALGORITHMS.md B.6).
 
 - Forward, per layer: the per-sample levels minimising sum_n C_n e_n(l_n) within the
-  layer's bits (aqcore's solver; ladder 8, 4, 2, 1, then AQ down to aq_bit).
-- End of each backward: one joint allocation over every (layer, sample) of that backward
-  at the target bits; each layer's share becomes the mean bits it got (B.8).
+  layer's bits (ladder 8, 4, 2, 1, then AQ down to aq_bit), chosen on the activation's
+  device by aqcore.compress_allocated: no host synchronization anywhere in the step.
+- End of every REALLOCATE_EVERY-th backward: one joint allocation over every (layer,
+  sample) of that backward at the target bits (aqcore.allocate_rows, on the device); each
+  layer's share becomes the bytes per sample it got (B.8). The shares reach the host
+  through a non-blocking copy and apply from the first forward that finds the copy done.
 - Before any backward: S_n = 1 and every layer at the target, so the error model alone
   decides (never the all-zero sensitivities of the original's first iterations).
+Bits count like the fixed levels' (codes; metadata and group padding on top), converted
+to bytes per sample by aqcore.format.row_budget.
 """
 from __future__ import annotations
 
-import numpy as np
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 
 import aqcore
-from aqcore import allocate_bits
+from aqcore.format import row_budget, slot_bytes
 
-from .saved import Plan, seed_for
+from .saved import Allocation, Plan, seed_for
 from .sensitivity import InputNoise
 from .settings import QuantizationConfig
 
-BUDGET_SLACK = 1e-9  # relative: a layer's share, rounded, must still fit its own allocation
+REALLOCATE_EVERY = 10  # backward passes per re-allocation: each costs a few ops per layer
 
 
 def rows_in_memory_order(x: torch.Tensor) -> torch.Tensor:
@@ -46,35 +52,38 @@ class Observation:
     """One training call of a layer: what the allocation needs from its forward and backward."""
 
     def __init__(self, scheme: "LayerScheme", errors: torch.Tensor, sample_numel: int,
-                 indices: torch.Tensor | None):
+                 indices: torch.Tensor | None, full: bool):
         self.scheme = scheme
-        self.errors = errors  # (N, len(ladder)) float64, CPU
+        self.errors = errors  # (N, len(ladder)) float32, the activation's device
         self.sample_numel = sample_numel
-        self.indices = indices  # dataset indices (use_gradient)
+        self.indices = indices  # dataset indices (use_gradient), CPU
+        self.full = full  # this pass feeds a re-allocation: record the noise terms too
         self.coef: float | torch.Tensor = 0.0  # own weight-gradient term, set by the layer
         self.fan = 0.0  # weighted layers: fan_in, mean(x^2) of their input, ||W_c||^2 per output
-        self.mean_sq = 0.0
+        self.mean_sq: float | torch.Tensor = 0.0
         self.out_sq: torch.Tensor | None = None
         self.source: Observation | None = None  # the weighted layer that produced this input
         self.grad_sq: torch.Tensor | None = None  # (N,) ||g_n||^2, NaN where not finite
         self.noise: InputNoise | None = None
 
-    def backward(self, grad_output: torch.Tensor, noise: InputNoise | None = None) -> None:
-        """Record ||g_n||^2, and how the input error reaches the input gradient."""
+    def backward(self, grad_output: torch.Tensor,
+                 noise: Callable[[], InputNoise] | None = None) -> None:
+        """Record ||g_n||^2, and (re-allocation passes) how the input error reaches the
+        input gradient: noise() computes that, only when needed."""
         g = grad_output.detach()
-        sq = g.reshape(g.shape[0], -1).float().square().sum(1).double() if g.dim() > 1 else \
-            g.float().square().sum().double().reshape(1)
-        self.grad_sq = torch.where(torch.isfinite(sq), sq, torch.nan)  # to the host in update()
-        self.noise = noise
+        sq = g.reshape(g.shape[0], -1).float().square().sum(1) if g.dim() > 1 else \
+            g.float().square().sum().reshape(1)
+        self.grad_sq = torch.where(torch.isfinite(sq), sq, torch.nan)
+        self.noise = noise() if noise is not None and self.full else None
         self.scheme.observed.append(self)
         self.scheme.controller.backward_running()
 
-    def propagated(self) -> np.ndarray:
+    def propagated(self) -> torch.Tensor:
         """What the input-gradient noise adds to the source's weight gradient (sensitivity.py)."""
         if self.source is None or self.noise is None:
-            return np.zeros(len(self.errors))
+            return self.errors.new_zeros(len(self.errors))
         src = self.source
-        return self.noise.propagated(src.fan, src.mean_sq, src.out_sq).numpy()
+        return self.noise.propagated(src.fan, src.mean_sq, src.out_sq).float()
 
 
 class LayerScheme:
@@ -85,9 +94,9 @@ class LayerScheme:
         self.index = index
         self.name = name
         self.calls = 0
-        self.bits: float | None = None  # per-layer share; None: the config's target
-        self.grad_scale: float | None = None  # mean ||g_n||^2 of the last backward
-        self.sample_grad = torch.empty(0, dtype=torch.float64)  # use_gradient memory, NaN = unseen
+        self.share: tuple[int, int] | None = None  # (bytes per sample, sample size); None: target
+        self.grad_scale: torch.Tensor | None = None  # mean ||g_n||^2 of the last backward
+        self.sample_grad: torch.Tensor | None = None  # use_gradient memory, NaN = unseen
         self.observed: list[Observation] = []
 
     def plan(self, x: torch.Tensor, fan: float | None = None,
@@ -102,86 +111,66 @@ class LayerScheme:
         if not cfg.adaptive:
             return Plan(cfg.fixed_level, seed, cfg.group_size, cfg.swap), None
         rows = (x.reshape(1, -1) if x.dim() < 2 else rows_in_memory_order(x)).detach()
-        ladder = self.controller.ladder
-        errors, mean_sq, out_sq = _to_host(
-            aqcore.level_errors(rows, cfg.group_size, ladder),
-            rows.float().square().mean() if fan is not None else None,
-            weight.detach().flatten(1).float().square().sum(1) if weight is not None else None)
-        obs = Observation(self, errors, rows.shape[1], self.controller.batch_indices(rows.shape[0]))
+        errors = aqcore.level_errors(rows, cfg.group_size, self.controller.ladder)
+        obs = Observation(self, errors, rows.shape[1], self.controller.batch_indices(rows.shape[0]),
+                          self.controller.reallocating)
         if fan is not None:
-            obs.fan, obs.mean_sq, obs.out_sq = fan, mean_sq.item(), out_sq
+            if obs.full:
+                obs.fan, obs.mean_sq = fan, rows.float().square().mean()
+                if weight is not None:
+                    obs.out_sq = weight.detach().flatten(1).float().square().sum(1)
             self.controller.last_weighted = obs
         else:
             obs.source = self.controller.last_weighted
-        sizes = np.full(rows.shape[0], float(rows.shape[1]))
-        bits = self.bits if self.bits is not None else cfg.bit
-        choice = allocate_bits(sizes, self.sample_scale(obs), _finite(errors), self.controller.level_bits,
-                               bits * sizes.sum() * (1 + BUDGET_SLACK), method="lp")
-        levels = [ladder[i] for i in choice]
-        level = levels[0] if x.dim() < 2 or len(set(levels)) == 1 else levels
-        return Plan(level, seed, cfg.group_size, cfg.swap), obs
+        allocation = Allocation(self.controller.ladder, self.sample_scale(obs), cfg.bit, errors,
+                                self.controller.budget_of(self, *rows.shape))
+        return Plan(None, seed, cfg.group_size, cfg.swap, allocation), obs
 
-    def sample_scale(self, obs: Observation) -> np.ndarray:
-        """S_n: each sample's gradient memory (use_gradient), else the layer's mean from
-        the last backward, else 1 (no backward yet)."""
-        n = obs.errors.shape[0]
-        fallback = self.grad_scale if self.grad_scale is not None else 1.0
-        if obs.indices is None:
-            return np.full(n, fallback)
-        known = torch.full((n,), torch.nan, dtype=torch.float64)
-        inside = obs.indices < len(self.sample_grad)
-        known[inside] = self.sample_grad[obs.indices[inside]]
-        seen = ~torch.isnan(known)
-        fill = known[seen].mean().item() if seen.any() else fallback
-        return torch.where(seen, known, fill).numpy()
+    def sample_scale(self, obs: Observation) -> torch.Tensor:
+        """S_n (N,): each sample's gradient memory (use_gradient), else the layer's mean from
+        the last backward, else 1 (no backward yet). Device ops only."""
+        n, device = obs.errors.shape[0], obs.errors.device
+        fallback = self.grad_scale if self.grad_scale is not None else torch.ones((), device=device)
+        if obs.indices is None or self.sample_grad is None:
+            return fallback.expand(n)
+        indices = obs.indices.to(device, non_blocking=True)
+        inside = indices < len(self.sample_grad)
+        known = torch.where(inside, self.sample_grad[indices.clamp_max(len(self.sample_grad) - 1)],
+                            torch.nan)
+        mean = torch.nanmean(known)
+        fill = torch.where(torch.isnan(mean), fallback, mean)
+        return torch.where(torch.isnan(known), fill, known)
 
-    def sensitivity(self, obs: Observation) -> np.ndarray:
+    def sensitivity(self, obs: Observation) -> torch.Tensor:
         """C_n = coef * S_n + the propagated term (sensitivity.py); 0 where not finite
         (statistics of non-finite activations)."""
-        c = float(obs.coef) * self.sample_scale(obs) + obs.propagated()
-        return np.nan_to_num(c, nan=0.0, posinf=0.0)
+        c = obs.coef * self.sample_scale(obs) + obs.propagated()
+        return torch.nan_to_num(c.float(), nan=0.0, posinf=0.0)
 
     def update(self) -> None:
-        """Fold this backward's observations into the gradient statistics."""
-        for obs in self.observed:  # after the backward: no pipeline stall
-            obs.grad_sq = obs.grad_sq.cpu()
+        """Fold this backward's observations into the gradient statistics (device ops)."""
         grads = torch.cat([o.grad_sq for o in self.observed])
-        finite = grads[~torch.isnan(grads)]
-        if len(finite):
-            self.grad_scale = finite.mean().item()
+        mean = torch.nanmean(grads)
+        previous = self.grad_scale if self.grad_scale is not None else torch.ones_like(mean)
+        self.grad_scale = torch.where(torch.isnan(mean), previous, mean)
         for obs in self.observed:
             if obs.indices is not None:
                 self._remember(obs.indices, obs.grad_sq)
 
     def _remember(self, indices: torch.Tensor, grad_sq: torch.Tensor) -> None:
-        """S[idx] <- 0.5 S[idx] + 0.5 ||g||^2, a first sighting taken as is (ALGORITHMS.md B.6)."""
+        """S[idx] <- 0.5 S[idx] + 0.5 ||g||^2, a first sighting taken as is (ALGORITHMS.md B.6).
+        indices: CPU (sizes the memory without a sync)."""
         size = int(indices.max()) + 1
-        if size > len(self.sample_grad):
-            grown = torch.full((max(size, 2 * len(self.sample_grad)),), torch.nan, dtype=torch.float64)
-            grown[: len(self.sample_grad)] = self.sample_grad
+        held = 0 if self.sample_grad is None else len(self.sample_grad)
+        if size > held:
+            grown = torch.full((max(size, 2 * held),), torch.nan, device=grad_sq.device)
+            if self.sample_grad is not None:
+                grown[:held] = self.sample_grad
             self.sample_grad = grown
+        indices = indices.to(grad_sq.device, non_blocking=True)
         old = self.sample_grad[indices]
         new = torch.where(torch.isnan(old), grad_sq, 0.5 * old + 0.5 * grad_sq)
         self.sample_grad[indices] = torch.where(torch.isnan(grad_sq), old, new)
-
-
-def _to_host(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """float64 CPU copies of a forward's statistics, in one device sync instead of one each."""
-    present = [t for t in tensors if t is not None]
-    flat = torch.cat([t.reshape(-1).double() for t in present]).cpu()
-    parts = iter(flat.split([t.numel() for t in present]))
-    return [next(parts).view(t.shape) if t is not None else None for t in tensors]
-
-
-def _finite(errors: torch.Tensor) -> np.ndarray:
-    """Errors as numpy; a sample with a non-finite estimate (NaN/Inf data) prices every
-    level alike, so it takes the cheapest one instead of stalling the solver."""
-    e = errors.numpy()
-    bad = ~np.isfinite(e).all(1)
-    if bad.any():
-        e = e.copy()
-        e[bad] = 0.0
-    return e
 
 
 class Controller:
@@ -190,12 +179,38 @@ class Controller:
     def __init__(self, config: QuantizationConfig):
         self.config = config
         self.ladder = config.ladder
-        self.level_bits = np.array([level.bits_per_value for level in self.ladder])
         self.layers: list[LayerScheme] = []
         self.iteration = 0  # completed backward passes
         self.last_weighted: Observation | None = None  # the last conv/linear forward
         self._indices: torch.Tensor | None = None
         self._queued_for: int | None = None  # the backward pass finish_backward is queued on
+        self._shares: tuple[list[tuple[LayerScheme, int]], torch.Tensor, object] | None = None
+
+    @property
+    def reallocating(self) -> bool:
+        """Whether the current iteration's backward re-splits the bits across layers."""
+        return self.config.per_layer and self.iteration % REALLOCATE_EVERY == 0
+
+    def budget_of(self, scheme: LayerScheme, rows: int, row_numel: int) -> int | None:
+        """A layer's bytes for `rows` samples: its share once one has arrived (for samples of
+        this size), else None: the target bits."""
+        self._receive(wait=False)
+        if scheme.share is None or scheme.share[1] != row_numel:
+            return None
+        return rows * scheme.share[0]
+
+    def _receive(self, wait: bool) -> None:
+        """Apply the shares of the last re-allocation once their copy to the host is done."""
+        if self._shares is None:
+            return
+        schemes, shares, done = self._shares
+        if done is not None and not done.query():
+            if not wait:
+                return
+            done.synchronize()
+        for (scheme, numel), share in zip(schemes, shares.tolist()):
+            scheme.share = (int(share), numel)
+        self._shares = None
 
     def add_layer(self, name: str) -> LayerScheme:
         scheme = LayerScheme(self, len(self.layers), name)
@@ -236,8 +251,9 @@ class Controller:
         observed = [s for s in self.layers if s.observed]
         for scheme in observed:
             scheme.update()
-        if self.config.per_layer and observed:
-            self.reallocate([o for s in observed for o in s.observed])
+        full = [o for s in observed for o in s.observed if o.full]
+        if full:
+            self.reallocate(full)
         for scheme in observed:
             scheme.observed.clear()
         self._indices = None
@@ -246,24 +262,48 @@ class Controller:
 
     def reallocate(self, observations: list[Observation]) -> None:
         """One joint allocation over all (layer, sample) units of this backward at the
-        target bits; each layer's share = the mean bits per value it got (ALGORITHMS.md
-        B.8, with AQ priced by its real bits and error instead of D.4's 1-bit pricing)."""
-        sizes = np.concatenate([np.full(len(o.errors), float(o.sample_numel)) for o in observations])
-        sens = np.concatenate([o.scheme.sensitivity(o) for o in observations])
-        errors = np.concatenate([_finite(o.errors) for o in observations])
-        budget = self.config.bit * sizes.sum() * (1 + BUDGET_SLACK)
-        spent = sizes * self.level_bits[allocate_bits(sizes, sens, errors, self.level_bits, budget)]
-        totals: dict[LayerScheme, list[float]] = {}
-        start = 0
-        for obs in observations:
-            end = start + len(obs.errors)
-            acc = totals.setdefault(obs.scheme, [0.0, 0.0])
-            acc[0] += spent[start:end].sum()
-            acc[1] += sizes[start:end].sum()
-            start = end
-        for scheme, (bits, values) in totals.items():
-            scheme.bits = bits / values
+        target bits; each layer's share = the bytes per sample it got (ALGORITHMS.md B.8,
+        with AQ priced by its real bytes and error instead of D.4's 1-bit pricing). On the
+        device; the shares travel to the host without blocking (budget_of picks them up)."""
+        device = observations[0].errors.device
+        group_size, ladder = self.config.group_size, self.ladder
+        slots = [[slot_bytes(level, o.sample_numel, group_size)[1] for level in ladder]
+                 for o in observations]
+        rows = [len(o.errors) for o in observations]
+        budget = sum(n * row_budget(ladder, o.sample_numel, group_size, self.config.bit)
+                     for n, o in zip(rows, observations))
+        budget = max(budget, sum(n * min(s) for n, s in zip(rows, slots)))
+        per_row = torch.tensor(rows)
+        costs = _to_device(torch.tensor(slots).repeat_interleave(per_row, 0), device)
+        sens = torch.cat([o.scheme.sensitivity(o) for o in observations])
+        weighted = sens.unsqueeze(1) * torch.cat([o.errors for o in observations]).float()
+        weighted = torch.where(torch.isfinite(weighted) & (weighted > 0), weighted, 0.0)
+        spent = costs.gather(1, aqcore.allocate_rows(weighted, costs, budget).unsqueeze(1)).squeeze(1)
+        layers = list(dict.fromkeys((o.scheme, o.sample_numel) for o in observations))
+        owner = torch.tensor([layers.index((o.scheme, o.sample_numel)) for o in observations])
+        layer_rows = torch.zeros(len(layers), dtype=torch.float64).index_add_(0, owner, per_row.double())
+        layer_bytes = torch.zeros(len(layers), dtype=torch.float64, device=device)
+        layer_bytes.index_add_(0, _to_device(owner.repeat_interleave(per_row), device), spent.double())
+        shares = (layer_bytes / _to_device(layer_rows, device)).floor()
+        if device.type == "cuda":
+            host = torch.empty(shares.shape, dtype=shares.dtype, pin_memory=True)
+            host.copy_(shares, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+            self._shares = (layers, host, done)
+        else:
+            self._shares = (layers, shares, None)
+        self._receive(wait=False)
 
     def state(self) -> dict[str, float | None]:
-        """Each layer's bits per value (None: the config's target), by layer name."""
-        return {s.name: s.bits for s in self.layers}
+        """Each layer's share in bits per value, metadata and padding included (None: the
+        config's target), by layer name."""
+        self._receive(wait=True)
+        return {s.name: None if s.share is None else 8 * s.share[0] / s.share[1] for s in self.layers}
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host-built tensor on the device, through pinned memory: no sync on CUDA."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

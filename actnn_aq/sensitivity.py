@@ -72,7 +72,8 @@ class InputNoise:
     along_output: torch.Tensor | None = None
     inv_var: torch.Tensor | None = None
 
-    def propagated(self, fan: float, mean_sq: float, out_sq: torch.Tensor | None) -> torch.Tensor:
+    def propagated(self, fan: float, mean_sq: "float | torch.Tensor",
+                   out_sq: torch.Tensor | None) -> torch.Tensor:
         """The variance it adds to the source's weight gradient, per unit error, (N,).
 
         Independent noise: fan_in * mean(x_s^2) * u_n. Noise along the output, one random
@@ -80,14 +81,15 @@ class InputNoise:
         projection on the channel's weights W_c is M / sqrt(inv_var_c), and for a trained
         source most of it lies there, so ||.||^2 ~ M^2 / (inv_var_c ||W_c||^2) (out_sq =
         ||W_c||^2; without it the isotropic ||W_c||^2 = 1 / (inv_var_c mean(x_s^2))).
+        On the noise's device.
         """
-        total = fan * mean_sq * self.independent.cpu()
+        total = fan * mean_sq * self.independent
         if self.along_output is not None:
-            along = self.along_output.cpu()
+            along = self.along_output
             if out_sq is not None and out_sq.shape == along.shape:
                 per_channel = along / out_sq.clamp_min(1e-30)
             else:
-                per_channel = along * self.inv_var.cpu() * mean_sq
+                per_channel = along * self.inv_var * mean_sq
             total = total + per_channel.mean()
         return total
 

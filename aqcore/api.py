@@ -6,9 +6,12 @@ from typing import Sequence
 import torch
 
 from . import reference
-from .errors import ERROR_LEVELS, level_errors
-from .format import KIND_BITS, KIND_CODES, KIND_RAW, CompressedTensor
-from .levels import Level, parse_level
+from .allocate import allocate_layout
+from . import errors as error_model
+from .errors import ERROR_LEVELS
+from .format import (KIND_BITS, KIND_CODES, KIND_RAW, ROW_ALIGN, CompressedTensor, row_budget,
+                     slot_bytes)
+from .levels import QUANTIZED_LEVELS, Level, parse_level
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_GROUP_SIZE = 256
@@ -40,6 +43,19 @@ def _memory_order(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, tuple[int, 
     if permuted.is_contiguous() and (rows == 1 or perm[0] == 0 or x.shape[0] == 1):
         return permuted, perm
     return x.contiguous(), identity
+
+
+def level_errors(rows: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
+                 levels: Sequence[Level] = ERROR_LEVELS) -> torch.Tensor:
+    """(R, F) values -> (R, len(levels)) float32 expected squared error per row and level
+    (errors.py's model). On CUDA with group_size 256, from one fused kernel pass."""
+    levels = tuple(levels)
+    if (rows.is_cuda and group_size == DEFAULT_GROUP_SIZE and rows.dtype in FLOAT_DTYPES
+            and rows.dim() == 2 and rows.numel() > 0 and all(not l.is_raw for l in levels)):
+        backend = _backend(rows.device)
+        if backend is not reference:
+            return backend.fused_level_errors(rows, levels)
+    return error_model.level_errors(rows, group_size, levels)
 
 
 def _check_group_size(group_size: int) -> None:
@@ -131,6 +147,59 @@ def compress(x: torch.Tensor, level: "LevelSpec | Sequence[LevelSpec]", seed: in
     return (ct, errs) if errors else ct
 
 
+def _ladder(ladder: Sequence[LevelSpec]) -> tuple[Level, ...]:
+    levels = tuple(parse_level(l) for l in ladder)
+    if not 1 <= len(levels) <= 8 or any(l.is_raw for l in levels):
+        raise ValueError(f"a ladder holds 1 to 8 quantized levels, got {[str(l) for l in levels]}")
+    if len(set(levels)) < len(levels) or any(
+            a.bits_per_value < b.bits_per_value for a, b in zip(levels, levels[1:])):
+        raise ValueError("a ladder runs from the most to the least bits per value, each level "
+                         f"once, got {[str(l) for l in levels]}")
+    return levels
+
+
+def compress_allocated(x: torch.Tensor, ladder: Sequence[LevelSpec], weights: torch.Tensor,
+                       bits: float, seed: int = 0, group_size: int = DEFAULT_GROUP_SIZE,
+                       errors: torch.Tensor | None = None, budget: int | None = None
+                       ) -> tuple[CompressedTensor, torch.Tensor]:
+    """Compress x with a level per row of dim 0 chosen on x's device, with no host sync.
+
+    Row n gets the level of `ladder` (most to least bits per value) that minimises
+    sum_n weights[n] * errors[n, level] within a byte budget (allocate.py): `bits` per value
+    counted like the fixed levels (format.row_budget per row), or `budget` bytes for all
+    rows when given; raised to the cheapest level, lowered to the dearest. errors: (rows,
+    len(ladder)) expected squared errors, level_errors(rows) when None (NaN/Inf and negative
+    products count as 0). The result holds exactly the budget (format.py's allocated
+    layout). Returns (CompressedTensor, errors).
+    """
+    _check_group_size(group_size)
+    levels = _ladder(ladder)
+    if x.layout != torch.strided or x.dtype not in FLOAT_DTYPES or x.dim() == 0 or x.numel() == 0:
+        raise ValueError(f"compress_allocated takes a non-empty floating tensor with a dim 0 "
+                         f"of rows, got {tuple(x.shape)} {x.dtype} {x.layout}")
+    ordered, perm = _memory_order(x, x.shape[0])
+    rows = ordered.view(x.shape[0], -1)
+    if weights.shape != (rows.shape[0],):
+        raise ValueError(f"weights needs one value per row: shape ({rows.shape[0]},), got "
+                         f"{tuple(weights.shape)}")
+    if errors is None:
+        errors = level_errors(rows, group_size, levels)
+    weighted = weights.to(rows.device, torch.float32).unsqueeze(1) * errors.float()
+    weighted = weighted.nan_to_num(0.0, 0.0, 0.0).clamp_min(0.0)
+    slots = [slot_bytes(level, rows.shape[1], group_size) for level in levels]
+    totals = [total for _, total in slots]
+    if budget is None:
+        budget = rows.shape[0] * row_budget(levels, rows.shape[1], group_size, bits)
+    budget = min(max(int(budget), rows.shape[0] * min(totals)), rows.shape[0] * max(totals))
+    _, table = allocate_layout(weighted, budget, [QUANTIZED_LEVELS.index(l) for l in levels],
+                               totals, [codes for codes, _ in slots])
+    payload = torch.zeros(-(-budget // ROW_ALIGN) * ROW_ALIGN, dtype=torch.uint8, device=x.device)
+    _backend(x.device).compress_table(rows, table, payload, int(seed) & ((1 << 64) - 1), group_size)
+    ct = CompressedTensor(KIND_CODES, payload, payload.new_empty(0), x.shape, x.dtype, levels,
+                          int(seed) & ((1 << 64) - 1), group_size, perm, table)
+    return ct, errors
+
+
 def _permuted_empty(ct: CompressedTensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An output in the original layout, and its contiguous memory-order view."""
     ordered_shape = [ct.shape[d] for d in ct.perm]
@@ -161,5 +230,8 @@ def decompress(ct: CompressedTensor, out: torch.Tensor | None = None) -> torch.T
             return out.copy_(decompress(ct))
         result = ordered = out
     rows = ordered.view(ct.rows, -1)
-    _backend(ct.device).decompress_rows(ct.payload, ct.meta, ct.levels, ct.group_size, rows)
+    if ct.table is not None:
+        _backend(ct.device).decompress_table(ct.payload, ct.table, ct.group_size, rows)
+    else:
+        _backend(ct.device).decompress_rows(ct.payload, ct.meta, ct.levels, ct.group_size, rows)
     return result

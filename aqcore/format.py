@@ -18,6 +18,13 @@ with B = 2**b - 1, all arithmetic in float32, each operation rounded on its own.
 The zero-keeping form serves groups whose minimum is exactly 0 (ReLU and dropout outputs,
 b >= 2) and groups holding one constant. m0/m1 are the group's range rounded outward to
 bfloat16, so the grid always covers the group (ALGORITHMS.md A.7 is the bias we avoid).
+
+Allocated layout (api.compress_allocated: levels chosen on the device, unknown to the
+host): one payload buffer of a fixed capacity, no separate meta. Rows lie in slots sorted
+by level code (the level's index in levels.QUANTIZED_LEVELS; rows in order within a level),
+each slot = the row's codes (16-byte aligned) then its (m0, m1) words (16-byte aligned).
+`table` (R, 4) int64 on the payload's device says per slot: (level code, byte offset of the
+codes, offset of the metadata in 4-byte words, row).
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ from typing import Sequence
 
 import torch
 
-from .levels import Level
+from .levels import QUANTIZED_LEVELS, Level
 
 ROW_ALIGN = 16
 KIND_CODES = "codes"  # quantized rows, payload + meta as described above
@@ -55,6 +62,31 @@ def groups_per_row(level: Level, row_numel: int, group_size: int) -> int:
 
 def row_bytes(level: Level, row_numel: int, group_size: int) -> int:
     return groups_per_row(level, row_numel, group_size) * group_size * level.bits // 8
+
+
+def slot_bytes(level: Level, row_numel: int, group_size: int) -> tuple[int, int]:
+    """A row's slot in the allocated layout: (aligned code bytes, aligned code + meta bytes)."""
+    codes = -(-row_bytes(level, row_numel, group_size) // ROW_ALIGN) * ROW_ALIGN
+    meta = 4 * groups_per_row(level, row_numel, group_size)
+    return codes, codes + -(-meta // ROW_ALIGN) * ROW_ALIGN
+
+
+def row_budget(ladder: Sequence[Level], row_numel: int, group_size: int, bits: float) -> int:
+    """Bytes a row may hold in the allocated layout at `bits` per value, counted like the fixed
+    levels: codes only, metadata and padding on top. Linear between the ladder's levels
+    (slots counted whole), so a target of a level's bits always affords that level."""
+    points: dict[float, int] = {}
+    for level in ladder:
+        slot = slot_bytes(level, row_numel, group_size)[1]
+        points[level.bits_per_value] = max(points.get(level.bits_per_value, 0), slot)
+    xs = sorted(points)
+    ys = [max(points[b] for b in xs[: i + 1]) for i in range(len(xs))]
+    if bits <= xs[0]:
+        return ys[0]
+    for (x0, y0), (x1, y1) in zip(zip(xs, ys), zip(xs[1:], ys[1:])):
+        if bits <= x1:
+            return int(y0 + (bits - x0) / (x1 - x0) * (y1 - y0))
+    return ys[-1]
 
 
 def row_layout(levels: Sequence[Level], row_numel: int, group_size: int) -> RowLayout:
@@ -86,10 +118,11 @@ class CompressedTensor:
     seed: int
     group_size: int
     perm: tuple[int, ...]
+    table: torch.Tensor | None = None  # allocated layout only (levels = the ladder offered)
 
     @property
     def rows(self) -> int:
-        return len(self.levels)
+        return len(self.levels) if self.table is None else self.table.shape[0]
 
     @property
     def row_numel(self) -> int:
@@ -101,15 +134,26 @@ class CompressedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Every byte this object holds in tensors: payload plus per-group metadata."""
-        return sum(t.numel() * t.element_size() for t in (self.payload, self.meta))
+        """Every byte this object holds in tensors: payload, per-group metadata, row table."""
+        held = [self.payload, self.meta] + ([] if self.table is None else [self.table])
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def row_levels(self) -> tuple[Level, ...]:
+        """The level of each row (one level for a tensor stored whole). The allocated
+        layout reads its table back from the device for this."""
+        if self.table is None:
+            return self.levels
+        slots = sorted(self.table.tolist(), key=lambda entry: entry[3])
+        return tuple(QUANTIZED_LEVELS[code] for code, *_ in slots)
 
     def layout(self) -> RowLayout:
         return row_layout(self.levels, self.row_numel, self.group_size)
 
     def to(self, device: "torch.device | str", non_blocking: bool = False) -> "CompressedTensor":
+        table = None if self.table is None else self.table.to(device, non_blocking=non_blocking)
         return replace(
             self,
             payload=self.payload.to(device, non_blocking=non_blocking),
             meta=self.meta.to(device, non_blocking=non_blocking),
+            table=table,
         )

@@ -239,7 +239,7 @@ def _compress(rows: torch.Tensor, levels: Sequence[Level], seed: int, group_size
         return payload, meta, None
     if fused:
         columns = [_STAT_COLUMN[(l.bits, l.avg)] for l in ERROR_LEVELS]
-        return payload, meta, stats.view(n_rows, -1, len(_LEVEL_IDS)).sum(1)[:, columns]
+        return payload, meta, _columns(stats.view(n_rows, -1, len(_LEVEL_IDS)).sum(1), columns)
     return payload, meta, level_errors(rows, group_size)
 
 
@@ -257,6 +257,21 @@ def compress_rows_with_errors(rows: torch.Tensor, levels: Sequence[Level], seed:
     return _compress(rows, levels, seed, group_size, errors=True)
 
 
+def fused_level_errors(rows: torch.Tensor, levels: Sequence[Level]) -> torch.Tensor:
+    """errors.level_errors(rows, 256, levels) from one fused pass: the statistics of a
+    compression at the cheapest level, whose codes are dropped (one launch, no sync)."""
+    cheapest = _LEVEL_OF_ID[max(_LEVEL_IDS.values())]
+    _, _, stats = _compress(rows, (cheapest,) * rows.shape[0], 0, FAST_GROUP_SIZE, errors=True)
+    return _columns(stats, [ERROR_LEVELS.index(level) for level in levels])
+
+
+def _columns(t: torch.Tensor, columns: list[int]) -> torch.Tensor:
+    """t[:, columns]; a run of consecutive columns as a view (a list index is a host copy)."""
+    if columns == list(range(columns[0], columns[0] + len(columns))):
+        return t[:, columns[0]:columns[0] + len(columns)]
+    return t[:, columns]
+
+
 def decompress_rows(payload: torch.Tensor, meta: torch.Tensor, levels: Sequence[Level],
                     group_size: int, out: torch.Tensor) -> torch.Tensor:
     """Write the (R, F) values of a compress_rows result into out (float32/16, bfloat16)."""
@@ -269,6 +284,46 @@ def decompress_rows(payload: torch.Tensor, meta: torch.Tensor, levels: Sequence[
     if target is not out:
         out.copy_(target)
     return out
+
+
+def compress_table(rows: torch.Tensor, table: torch.Tensor, payload: torch.Tensor, seed: int,
+                   group_size: int) -> None:
+    """reference.compress_table: codes and metadata into one zeroed payload by its table."""
+    rows = rows.contiguous()
+    _extension().compress(rows, payload, payload.view(torch.bfloat16), table, None, -1, group_size,
+                          _signed64(seed), noise.stream_key(seed), 0, 0)
+
+
+def decompress_table(payload: torch.Tensor, table: torch.Tensor, group_size: int,
+                     out: torch.Tensor) -> torch.Tensor:
+    """reference.decompress_table."""
+    target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
+    _extension().decompress(payload, payload.view(torch.bfloat16), target, table, -1, group_size, 0, 0)
+    if target is not out:
+        out.copy_(target)
+    return out
+
+
+def allocate_rows(weighted: torch.Tensor, costs: torch.Tensor, budget: int) -> torch.Tensor:
+    """allocate.reference_allocate_rows in one launch."""
+    rows = weighted.shape[0]
+    choice = torch.empty(rows, dtype=torch.int64, device=weighted.device)
+    scratch = torch.empty_like(choice)
+    full = costs.expand_as(weighted).contiguous() if costs.dim() == 1 else costs.contiguous()
+    _extension().allocate(weighted.contiguous(), full, int(budget), choice, None, scratch, [], [], [])
+    return choice
+
+
+def allocate_layout(weighted: torch.Tensor, budget: int, codes: list[int], slots: list[int],
+                    payloads: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """allocate.allocate_layout in one launch: (choice, table)."""
+    rows = weighted.shape[0]
+    choice = torch.empty(rows, dtype=torch.int64, device=weighted.device)
+    scratch = torch.empty_like(choice)
+    table = torch.empty(rows, 4, dtype=torch.int64, device=weighted.device)
+    _extension().allocate(weighted.contiguous(), None, int(budget), choice, table, scratch,
+                          list(codes), list(slots), list(payloads))
+    return choice, table
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:

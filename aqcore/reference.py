@@ -13,7 +13,7 @@ import torch
 
 from . import noise
 from .format import RowLayout, codes_per_row, groups_per_row, row_layout
-from .levels import Level
+from .levels import QUANTIZED_LEVELS, Level
 
 _LOW16 = 0xFFFF
 _ULP16 = 0x10000
@@ -138,10 +138,17 @@ def _row_spans(offsets: Sequence[int], rows: list[int], width: int, device) -> t
 def compress_rows(rows: torch.Tensor, levels: Sequence[Level], seed: int,
                   group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Compress (R, F) values, row r at levels[r] -> (payload uint8, meta bfloat16 (groups, 2))."""
-    n_rows, row_numel = rows.shape
-    layout: RowLayout = row_layout(levels, row_numel, group_size)
+    layout = row_layout(levels, rows.shape[1], group_size)
     payload = torch.zeros(layout.total_bytes, dtype=torch.uint8, device=rows.device)
     meta = torch.empty(layout.total_groups, 2, dtype=torch.bfloat16, device=rows.device)
+    write_rows(rows, levels, seed, group_size, payload, meta, layout)
+    return payload, meta
+
+
+def write_rows(rows: torch.Tensor, levels: Sequence[Level], seed: int, group_size: int,
+               payload: torch.Tensor, meta: torch.Tensor, layout: RowLayout) -> None:
+    """compress_rows into given buffers at a given layout (meta: (groups, 2) bfloat16)."""
+    n_rows, row_numel = rows.shape
     for level, members in _rows_by_level(levels).items():
         values = rows[members].float() if len(members) < n_rows else rows.float()
         if level.avg > 1:
@@ -158,14 +165,13 @@ def compress_rows(rows: torch.Tensor, levels: Sequence[Level], seed: int,
         payload[_row_spans(layout.byte_offsets, members, packed.shape[1], rows.device)] = packed
         group_index = _row_spans(layout.group_offsets, members, groups.shape[1], rows.device)
         meta[group_index] = group_m.to(torch.bfloat16)
-    return payload, meta
 
 
 def decompress_rows(payload: torch.Tensor, meta: torch.Tensor, levels: Sequence[Level],
-                    group_size: int, out: torch.Tensor) -> torch.Tensor:
-    """Write the (R, F) values of a compress_rows result into out (any float dtype)."""
+                    group_size: int, out: torch.Tensor, layout: RowLayout | None = None) -> torch.Tensor:
+    """Write the (R, F) values of a compress_rows (or write_rows) result into out (any float dtype)."""
     n_rows, row_numel = out.shape
-    layout = row_layout(levels, row_numel, group_size)
+    layout = layout or row_layout(levels, row_numel, group_size)
     for level, members in _rows_by_level(levels).items():
         n_groups = groups_per_row(level, row_numel, group_size)
         width = n_groups * group_size * level.bits // 8
@@ -181,6 +187,30 @@ def decompress_rows(payload: torch.Tensor, meta: torch.Tensor, levels: Sequence[
         else:
             out[members] = values
     return out
+
+
+def _table_rows(table: torch.Tensor, payload: torch.Tensor
+                ) -> tuple[list[Level], RowLayout, torch.Tensor]:
+    """Per-row levels, layout and the metadata view of format.py's allocated layout."""
+    slots = sorted(table.cpu().tolist(), key=lambda entry: entry[3])
+    levels = [QUANTIZED_LEVELS[code] for code, *_ in slots]
+    layout = RowLayout(tuple(e[1] for e in slots), tuple(e[2] for e in slots),
+                       payload.numel(), payload.numel() // 4)
+    return levels, layout, payload.view(torch.bfloat16).view(-1, 2)
+
+
+def compress_table(rows: torch.Tensor, table: torch.Tensor, payload: torch.Tensor, seed: int,
+                   group_size: int) -> None:
+    """Compress (R, F) values into a zeroed payload at the allocated layout of `table`."""
+    levels, layout, meta = _table_rows(table, payload)
+    write_rows(rows, levels, seed, group_size, payload, meta, layout)
+
+
+def decompress_table(payload: torch.Tensor, table: torch.Tensor, group_size: int,
+                     out: torch.Tensor) -> torch.Tensor:
+    """Write the (R, F) values of a compress_table result into out."""
+    levels, layout, meta = _table_rows(table, payload)
+    return decompress_rows(payload, meta, levels, group_size, out, layout)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:

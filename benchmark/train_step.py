@@ -83,49 +83,67 @@ def build(name: str, batch: int, device: torch.device):
     return model, inputs, labels, lambda m, x, y: F.cross_entropy(m(x), y)
 
 
-def measure(mode: str, args, device: torch.device) -> dict:
-    torch.manual_seed(0)
-    model, x, y, loss_fn = build(args.model, args.batch, device)
-    model.train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mode == "exact-bf16" \
-        else contextlib.nullcontext()
-    controller = None
-    if mode == "checkpoint":
-        checkpoint_blocks(model, args.model)
-    if mode == "gact_aq":
-        gact_aq.set_optimization_level("L2.2", bit=args.bit, aq_bit=args.aq_bit)
-        controller = Controller(model)
-        controller.install_hook()
-    elif mode == "actnn_aq":
-        actnn_aq.set_optimization_level("L3", bit=args.bit, aq_bit=args.aq_bit)
-        model = actnn_aq.QModule(model)
+class Setup:
+    """One mode ready to train: the (converted) model, its step, and gact_aq's controller."""
 
-    def backprop():
-        optimizer.zero_grad()
-        loss_fn(model, x[:8], y[:8]).backward()
+    def __init__(self, mode: str, args, device: torch.device):
+        torch.manual_seed(0)
+        model, self.x, self.y, self.loss_fn = build(args.model, args.batch, device)
+        model.train()
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mode == "exact-bf16" \
+            else contextlib.nullcontext()
+        self.controller = None
+        if mode == "checkpoint":
+            checkpoint_blocks(model, args.model)
+        if mode == "gact_aq":
+            gact_aq.set_optimization_level("L2.2", bit=args.bit, aq_bit=args.aq_bit)
+            self.controller = Controller(model)
+            self.controller.install_hook()
+        elif mode == "actnn_aq":
+            actnn_aq.set_optimization_level("L3", bit=args.bit, aq_bit=args.aq_bit)
+            model = actnn_aq.QModule(model)
+        self.model = model
 
-    def step():
-        optimizer.zero_grad()
-        with autocast:
-            loss = loss_fn(model, x, y)
+    def backprop(self) -> None:
+        """gact_aq's adaptation pass: a small batch."""
+        self.optimizer.zero_grad()
+        self.loss_fn(self.model, self.x[:8], self.y[:8]).backward()
+
+    def step(self) -> None:
+        self.optimizer.zero_grad()
+        with self.autocast:
+            loss = self.loss_fn(self.model, self.x, self.y)
         loss.backward()
-        optimizer.step()
+        self.optimizer.step()
 
-    try:
+    def warm_up(self, steps: int, device: torch.device) -> float:
+        """Run warm-up steps (gact_aq adapts after each); seconds of the first adaptation."""
         adapt_s = 0.0
-        for i in range(args.warmup):
-            step()
-            if controller is not None:
+        for i in range(steps):
+            self.step()
+            if self.controller is not None:
                 start = now(device)
-                controller.iterate(backprop)
+                self.controller.iterate(self.backprop)
                 adapt_s += now(device) - start if i == 0 else 0.0
+        return adapt_s
+
+    def close(self) -> None:
+        if self.controller is not None:
+            self.controller.uninstall_hook()
+
+
+def measure(mode: str, args, device: torch.device) -> dict:
+    run = Setup(mode, args, device)
+    model, x, y, loss_fn, autocast = run.model, run.x, run.y, run.loss_fn, run.autocast
+    try:
+        adapt_s = run.warm_up(args.warmup, device)
         times = []
         for _ in range(args.steps):
             start = now(device)
-            step()
+            run.step()
             times.append(now(device) - start)
-        optimizer.zero_grad(set_to_none=False)
+        run.optimizer.zero_grad(set_to_none=False)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
@@ -134,8 +152,7 @@ def measure(mode: str, args, device: torch.device) -> dict:
         loss.backward()
         peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
     finally:
-        if controller is not None:
-            controller.uninstall_hook()
+        run.close()
     return {"mode": mode, "step_ms": median_ms(times), "activation_mib": held / 2**20,
             "peak_mib": None if peak is None else peak / 2**20, "adapt_s": adapt_s}
 

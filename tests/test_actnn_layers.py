@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import actnn_aq
+from capture import Capture
 import aqcore
 from actnn_aq import saved
 from actnn_aq.qmodule import CONVERSIONS
@@ -132,21 +133,6 @@ def test_gradcheck_float64(name):
     small = x[:3].clone().requires_grad_()
     fn = lambda inp, *params: module(inp)
     assert torch.autograd.gradcheck(fn, (small, *module.parameters()), eps=1e-6, atol=1e-5, fast_mode=True)
-
-
-class Capture:
-    """Records every tensor aqcore compresses for a Q-layer, with its CompressedTensor."""
-
-    def __init__(self, monkeypatch):
-        self.items = []
-        real = aqcore.compress
-
-        def compress(x, level, **kwargs):
-            ct = real(x, level, **kwargs)
-            self.items.append((x.detach().clone(), ct))
-            return ct
-
-        monkeypatch.setattr(saved.aqcore, "compress", compress)
 
 
 def _reference_norm_grads(name, module, x_hat, x_exact, g):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import actnn_aq
+from capture import Capture
 import aqcore
 from actnn_aq import saved
 
@@ -155,15 +156,12 @@ def test_first_iteration_allocates_from_the_data(monkeypatch):
     """No gradient statistics yet: the error model alone decides, per sample. Smooth samples
     (pairs of equal values) cost nothing at aq1, so rough samples get the bits."""
     actnn_aq.set_optimization_level("L3", bit=2, aq_bit=1)
-    levels = []
-    real = aqcore.compress
-    monkeypatch.setattr(saved.aqcore, "compress",
-                        lambda x, level, **k: levels.append(level) or real(x, level, **k))
+    capture = Capture(monkeypatch)
     model = actnn_aq.QModule(nn.Sequential(nn.Linear(64, 4)))
     rough = torch.randn(4, 64)
     smooth = torch.randn(4, 32).repeat_interleave(2, dim=1)
     model(torch.cat([rough, smooth])).sum().backward()
-    chosen = levels[0]
+    chosen = capture.items[0][1].row_levels()
     assert [str(l) for l in chosen[4:]] == ["aq1"] * 4
     assert all(l.bits_per_value >= 2 for l in chosen[:4])
     assert sum(l.bits_per_value for l in chosen) <= 2 * 8

@@ -53,7 +53,7 @@ class DropoutFunction(torch.autograd.Function):
 
 def _pointwise_forward(ctx, x, y_fn, inplace: bool, plan: Plan, obs: Observation | None):
     """y = y_fn(x) keeping x as planned (a copy when exact and x is about to be overwritten)."""
-    source = x.clone() if inplace and plan.level is None else x
+    source = x.clone() if inplace and plan.exact else x
     ctx.held = Packed(source, plan)
     ctx.save_for_backward(ctx.held.keep(source))
     ctx.obs = obs
@@ -68,7 +68,7 @@ def _pointwise_input(ctx, grad_out, noise_fn) -> torch.Tensor:
     (kept,) = ctx.saved_tensors
     x = ctx.held.unpack(kept)
     if ctx.obs is not None:
-        ctx.obs.backward(grad_out, noise_fn(grad_out, x))
+        ctx.obs.backward(grad_out, lambda: noise_fn(grad_out, x))
     return x
 
 

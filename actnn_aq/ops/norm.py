@@ -29,10 +29,10 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float,
                 plan: Plan, obs: Observation | None):
-        y, mean, invstd, _, _ = torch.ops.aten._batch_norm_impl_index(
+        y, mean, invstd, reserve, backend = torch.ops.aten._batch_norm_impl_index(
             x, weight, bias, running_mean, running_var, True, momentum, eps, torch.backends.cudnn.enabled)
-        _keep(ctx, x, plan, weight, mean, invstd)
-        ctx.eps, ctx.obs = eps, obs
+        _keep(ctx, x, plan, weight, mean, invstd, reserve)
+        ctx.eps, ctx.obs, ctx.cudnn = eps, obs, backend == CUDNN
         if obs is not None:
             obs.coef = norm_coef(_sample_numel(x), invstd)
         return y
@@ -40,13 +40,29 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        kept, weight, mean, invstd = ctx.saved_tensors
+        kept, weight, mean, invstd, reserve = ctx.saved_tensors
         x = ctx.held.unpack(kept)
         if ctx.obs is not None:
-            ctx.obs.backward(grad_out, batch_norm_noise(grad_out, x, mean, invstd, weight))
-        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
+            ctx.obs.backward(grad_out, lambda: batch_norm_noise(grad_out, x, mean, invstd, weight))
+        if ctx.cudnn:  # cuDNN's backward, as autograd would run it (3x faster than native)
+            grad_out = grad_out.contiguous(memory_format=_memory_format(x))
+            gx, gw, gb = torch.ops.aten.cudnn_batch_norm_backward(
+                x, grad_out, weight, None, None, mean, invstd, ctx.eps, reserve)
+        else:
+            gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
         return gx, gw, gb, None, None, None, None, None, None
+
+
+CUDNN = 1  # _batch_norm_impl_index's backend number for cuDNN
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def _channel_view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -113,7 +129,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
                   - xmu * _channel_view(invstd.square() * sum_dy_xmu / ctx.total, x))
             gx = (gx * _channel_view(scale, x)).to(x.dtype)
         if ctx.obs is not None:
-            ctx.obs.backward(grad_out, batch_norm_noise(grad_out, x, mean, invstd, weight, sum_dy_xmu, ctx.total))
+            ctx.obs.backward(grad_out, lambda: batch_norm_noise(grad_out, x, mean, invstd, weight,
+                                                                sum_dy_xmu, ctx.total))
         return gx, gw, gb, None, None, None, None, None, None, None
 
 
@@ -134,8 +151,8 @@ class LayerNormFunction(torch.autograd.Function):
         kept, weight, bias, mean, rstd = ctx.saved_tensors
         x = ctx.held.unpack(kept).to(grad_out.dtype)
         if ctx.obs is not None:
-            noise = layer_norm_noise(grad_out, x, mean, rstd, weight, len(ctx.normalized_shape))
-            ctx.obs.backward(grad_out, noise)
+            ctx.obs.backward(grad_out, lambda: layer_norm_noise(grad_out, x, mean, rstd, weight,
+                                                                len(ctx.normalized_shape)))
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
         with torch.autocast(grad_out.device.type, enabled=False):
             gx, gw, gb = torch.ops.aten.native_layer_norm_backward(

@@ -54,10 +54,25 @@ struct BitsParams {
   int aligned;  // both buffers start on 16 bytes
 };
 
+struct AllocateParams {
+  const float* weighted;   // (rows, levels) C_n e_n(l), finite, >= 0
+  const int64_t* costs;    // (rows, levels) bytes, or null: slot[l] for every row
+  int64_t* choice;         // (rows,) out: level index
+  int64_t* table;          // (rows, 4) out: the allocated layout's row table, or null
+  int64_t* scratch;        // (rows,)
+  int64_t rows;
+  int64_t budget;
+  int levels;              // <= 8, most to least expensive
+  int code[8];             // level ids (aq_common.cuh) of the ladder
+  int64_t slot[8];         // bytes of a row's slot per level (codes + metadata, aligned)
+  int64_t payload[8];      // aligned code bytes of a row per level
+};
+
 // Launch on PyTorch's current CUDA stream.
 void launch_compress(int dtype, const CompressParams& p, bool stats);
 void launch_decompress(int dtype, const DecompressParams& p);
 void launch_pack_bits(const BitsParams& b);
 void launch_unpack_bits(const BitsParams& b);
+void launch_allocate(const AllocateParams& p);
 
 }  // namespace aq

@@ -57,6 +57,51 @@ void unpack_bits(const at::Tensor& packed, at::Tensor& out) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void allocate(const at::Tensor& weighted, const c10::optional<at::Tensor>& costs, int64_t budget,
+              at::Tensor& choice, const c10::optional<at::Tensor>& table, at::Tensor& scratch,
+              const std::vector<int64_t>& codes, const std::vector<int64_t>& slots,
+              const std::vector<int64_t>& payloads) {
+  check_cuda({&weighted, &choice, &scratch});
+  TORCH_CHECK(weighted.dim() == 2 && weighted.scalar_type() == at::kFloat && weighted.is_contiguous(),
+              "weighted must be a contiguous (rows, levels) float32 tensor");
+  const int64_t rows = weighted.size(0), levels = weighted.size(1);
+  TORCH_CHECK(levels >= 1 && levels <= 8, "1 to 8 levels");
+  TORCH_CHECK(choice.scalar_type() == at::kLong && choice.numel() == rows && scratch.numel() == rows &&
+                  scratch.scalar_type() == at::kLong, "choice and scratch: (rows,) int64");
+  aq::AllocateParams p{};
+  p.weighted = weighted.data_ptr<float>();
+  if (costs.has_value()) {
+    check_cuda({&weighted, &*costs});
+    TORCH_CHECK(costs->scalar_type() == at::kLong && costs->is_contiguous() &&
+                    costs->numel() == rows * levels, "costs: contiguous (rows, levels) int64");
+    p.costs = costs->data_ptr<int64_t>();
+  }
+  if (table.has_value()) {
+    check_cuda({&weighted, &*table});
+    TORCH_CHECK(table->scalar_type() == at::kLong && table->is_contiguous() && table->numel() == 4 * rows,
+                "table: contiguous (rows, 4) int64");
+    TORCH_CHECK(static_cast<int64_t>(codes.size()) == levels && static_cast<int64_t>(payloads.size()) == levels,
+                "a table needs codes and payloads per level");
+    p.table = table->data_ptr<int64_t>();
+  }
+  TORCH_CHECK(costs.has_value() || static_cast<int64_t>(slots.size()) == levels,
+              "without costs, slots gives the cost per level");
+  p.choice = choice.data_ptr<int64_t>();
+  p.scratch = scratch.data_ptr<int64_t>();
+  p.rows = rows;
+  p.budget = budget;
+  p.levels = static_cast<int>(levels);
+  for (int l = 0; l < p.levels; ++l) {
+    p.code[l] = l < static_cast<int>(codes.size()) ? static_cast<int>(codes[l]) : 0;
+    p.slot[l] = l < static_cast<int>(slots.size()) ? slots[l] : 0;
+    p.payload[l] = l < static_cast<int>(payloads.size()) ? payloads[l] : 0;
+  }
+  if (rows == 0) return;
+  const c10::cuda::CUDAGuard guard(weighted.device());
+  aq::launch_allocate(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -64,4 +109,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decompress", &decompress, "fused decompression into (rows, values)");
   m.def("pack_bits", &pack_bits, "pack a byte mask at one bit per value (nonzero -> 1)");
   m.def("unpack_bits", &unpack_bits, "unpack a bit mask into 0/1 bytes");
+  m.def("allocate", &allocate, "per-row level allocation under a byte budget (allocate.py)");
 }
