@@ -29,7 +29,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import actnn_aq  # noqa: E402
 import aqcore  # noqa: E402
 from actnn_aq import scheme  # noqa: E402
-from aqcore import allocate_bits  # noqa: E402
 from common import allocated_during, digits, resnet  # noqa: E402
 
 
@@ -48,11 +47,11 @@ def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 
 
 class PublishedPricing:
-    """The published ActNN-AQ allocator inside ours, for comparison (ALGORITHMS.md B.7, D.4):
-    the greedy heap, and every AQ level priced like 1-bit rounding."""
+    """The published ActNN-AQ error model inside ours, for comparison (ALGORITHMS.md D.4):
+    every AQ level priced like 1-bit rounding (the allocation itself stays ours)."""
 
     def __enter__(self):
-        self.level_errors, self.allocate = aqcore.level_errors, scheme.allocate_bits
+        self.level_errors = aqcore.level_errors
 
         def priced(rows, group_size, levels):
             one_bit = self.level_errors(rows, group_size, (aqcore.parse_level("1"),))
@@ -61,11 +60,10 @@ class PublishedPricing:
             return torch.cat([errors, one_bit.expand(-1, len(levels) - len(plain))], 1)
 
         scheme.aqcore.level_errors = priced
-        scheme.allocate_bits = lambda *a: allocate_bits(*a, method="greedy")
         return self
 
     def __exit__(self, *exc):
-        scheme.aqcore.level_errors, scheme.allocate_bits = self.level_errors, self.allocate
+        scheme.aqcore.level_errors = self.level_errors
 
 
 SETTINGS = [
