@@ -39,15 +39,6 @@ from .settings import QuantizationConfig
 REALLOCATE_EVERY = 10  # backward passes per re-allocation: each costs a few ops per layer
 
 
-def rows_in_memory_order(x: torch.Tensor) -> torch.Tensor:
-    """x as (N, F) rows in memory order, as aqcore groups it (channels_last stays in place)."""
-    if not x.is_contiguous():
-        perm = sorted(range(x.dim()), key=lambda d: -x.stride(d))
-        if perm[0] == 0 and x.permute(perm).is_contiguous():
-            x = x.permute(perm)
-    return x.reshape(x.shape[0], -1)
-
-
 class Observation:
     """One training call of a layer: what the allocation needs from its forward and backward."""
 
@@ -110,7 +101,7 @@ class LayerScheme:
         seed = self.controller.seed(self.index, self.calls)
         if not cfg.adaptive:
             return Plan(cfg.fixed_level, seed, cfg.group_size, cfg.swap), None
-        rows = (x.reshape(1, -1) if x.dim() < 2 else rows_in_memory_order(x)).detach()
+        rows = aqcore.sample_rows(x.detach() if x.dim() > 1 else x.detach().reshape(1, -1))
         errors = aqcore.level_errors(rows, cfg.group_size, self.controller.ladder)
         obs = Observation(self, errors, rows.shape[1], self.controller.batch_indices(rows.shape[0]),
                           self.controller.reallocating)

@@ -72,17 +72,20 @@ def reference_allocate_rows(weighted: torch.Tensor, costs: torch.Tensor, budget:
     return torch.where(take, alternative, choice)
 
 
-def _check(weighted: torch.Tensor, costs: torch.Tensor, budget: int) -> None:
+def _check(weighted: torch.Tensor, costs: torch.Tensor | None = None) -> None:
+    """Shapes and dtypes (values are the caller's: checking them would sync)."""
     if weighted.dim() != 2 or weighted.dtype != torch.float32:
         raise ValueError(f"weighted errors must be a (rows, levels) float32 tensor, got "
                          f"{tuple(weighted.shape)} {weighted.dtype}")
+    if weighted.shape[1] > 8:
+        raise ValueError(f"at most 8 levels per row, got {weighted.shape[1]}")
+    if costs is None:
+        return
     if costs.dtype != torch.int64 or costs.shape not in ((weighted.shape[1],), weighted.shape):
         raise ValueError(f"costs must be int64 of shape ({weighted.shape[1]},) or "
                          f"{tuple(weighted.shape)}, got {tuple(costs.shape)} {costs.dtype}")
     if costs.device != weighted.device:
         raise ValueError("weighted errors and costs must be on the same device")
-    if weighted.shape[1] > 8:
-        raise ValueError(f"at most 8 levels per row, got {weighted.shape[1]}")
 
 
 def reference_row_table(choice: torch.Tensor, codes: list[int], slots: list[int],
@@ -104,7 +107,7 @@ def allocate_rows(weighted: torch.Tensor, costs: torch.Tensor, budget: int) -> t
     within sum_n costs[n, l_n] <= budget (module docstring). The caller guarantees weighted
     >= 0 and finite, levels ordered from expensive to cheap and a budget that the cheapest
     levels meet; on CUDA this runs as one kernel with no host synchronization."""
-    _check(weighted, costs, budget)
+    _check(weighted, costs)
     if weighted.is_cuda:
         from . import kernels
 
@@ -117,15 +120,13 @@ def allocate_layout(weighted: torch.Tensor, budget: int, codes: list[int], slots
                     payloads: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """allocate_rows with costs = slots (bytes of a row's slot per ladder level), and the
     row table of the chosen levels (reference_row_table): (choice, table), one launch on CUDA."""
+    _check(weighted)
     if not len(codes) == len(slots) == len(payloads) == weighted.shape[-1]:
         raise ValueError("codes, slots and payloads need one entry per level of weighted")
     if weighted.is_cuda:
         from . import kernels
 
         if kernels.available():  # the lists travel as kernel arguments: no upload, no sync
-            _check(weighted, torch.empty(len(slots), dtype=torch.int64, device=weighted.device), budget)
             return kernels.allocate_layout(weighted, budget, codes, slots, payloads)
-    costs = torch.tensor(slots, dtype=torch.int64, device=weighted.device)
-    _check(weighted, costs, budget)
-    choice = reference_allocate_rows(weighted, costs, budget)
+    choice = reference_allocate_rows(weighted, torch.tensor(slots, device=weighted.device), budget)
     return choice, reference_row_table(choice, codes, slots, payloads)

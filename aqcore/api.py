@@ -9,7 +9,7 @@ from . import reference
 from .allocate import allocate_layout
 from . import errors as error_model
 from .errors import ERROR_LEVELS
-from .format import (KIND_BITS, KIND_CODES, KIND_RAW, ROW_ALIGN, CompressedTensor, row_budget,
+from .format import (KIND_BITS, KIND_CODES, KIND_RAW, CompressedTensor, aligned, row_budget,
                      slot_bytes)
 from .levels import QUANTIZED_LEVELS, Level, parse_level
 
@@ -43,6 +43,12 @@ def _memory_order(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, tuple[int, 
     if permuted.is_contiguous() and (rows == 1 or perm[0] == 0 or x.shape[0] == 1):
         return permuted, perm
     return x.contiguous(), identity
+
+
+def sample_rows(x: torch.Tensor) -> torch.Tensor:
+    """x as (x.shape[0], F) rows in memory order, exactly as compress_allocated (and a
+    per-row level list) groups it: price levels on these rows (level_errors)."""
+    return _memory_order(x, x.shape[0])[0].view(x.shape[0], -1)
 
 
 def level_errors(rows: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
@@ -193,7 +199,7 @@ def compress_allocated(x: torch.Tensor, ladder: Sequence[LevelSpec], weights: to
     budget = min(max(int(budget), rows.shape[0] * min(totals)), rows.shape[0] * max(totals))
     _, table = allocate_layout(weighted, budget, [QUANTIZED_LEVELS.index(l) for l in levels],
                                totals, [codes for codes, _ in slots])
-    payload = torch.zeros(-(-budget // ROW_ALIGN) * ROW_ALIGN, dtype=torch.uint8, device=x.device)
+    payload = torch.zeros(aligned(budget), dtype=torch.uint8, device=x.device)
     _backend(x.device).compress_table(rows, table, payload, int(seed) & ((1 << 64) - 1), group_size)
     ct = CompressedTensor(KIND_CODES, payload, payload.new_empty(0), x.shape, x.dtype, levels,
                           int(seed) & ((1 << 64) - 1), group_size, perm, table)

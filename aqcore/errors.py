@@ -16,8 +16,9 @@ last group counts its n_g values.
 
 The published allocators price AQ like 1-bit rounding; this uses the data instead.
 
-How it is computed (it runs once per layer per training step, so it must stay cheap on
-the GPU: no host synchronization, no data-dependent shapes, few ops and passes):
+How it is computed (training steps call it for every layer, so it stays cheap on any
+device: no host synchronization, no data-dependent shapes, few ops and passes; on CUDA
+with group_size 256, aqcore.level_errors takes the fused kernel statistics instead):
 
   * every plain level shares one energy sum_g n_g R_g^2, from one min/max pass over the
     (R, groups, group_size) view of the rows;
@@ -29,8 +30,7 @@ the GPU: no host synchronization, no data-dependent shapes, few ops and passes):
     level before, and only the runs the requested levels need are built;
   * a ragged end (a short last run, a short last group) is merged from slices of a few
     values with the unequal-count form of the same identity (counts n1, n2: the pair
-    adds n1 n2 / (n1 + n2) (a - b)^2), never by padding or copying the whole tensor;
-  * all columns come from one batched multiply-add.
+    adds n1 n2 / (n1 + n2) (a - b)^2), never by padding or copying the whole tensor.
 
 Sums are float32 (half-precision rows are read as they are for the ranges and upcast
 once for the averages).
@@ -137,9 +137,8 @@ def level_errors(rows: torch.Tensor, group_size: int = 256,
         run *= 2
         if run in runs:
             roots[run], deviations[run] = _range_root(means, tail, group_size), deviation
-    # every column is D_k + k * rounding_scale * root_k^2 (D_1 = 0): one batched op
-    columns = torch._foreach_addcmul(
-        [deviations[level.avg] for level in levels],
-        [roots[level.avg] for level in levels], [roots[level.avg] for level in levels],
-        [level.avg * _rounding_scale(level.bits, group_size) for level in levels])
+    # every column is D_k + k * rounding_scale * root_k^2 (D_1 = 0)
+    columns = [torch.addcmul(deviations[level.avg], roots[level.avg], roots[level.avg],
+                             value=level.avg * _rounding_scale(level.bits, group_size))
+               for level in levels]
     return torch.stack(columns, -1)

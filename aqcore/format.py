@@ -52,6 +52,11 @@ class RowLayout:
     total_groups: int
 
 
+def aligned(nbytes: int) -> int:
+    """nbytes rounded up to a whole number of ROW_ALIGN-byte blocks."""
+    return -(-nbytes // ROW_ALIGN) * ROW_ALIGN
+
+
 def codes_per_row(level: Level, row_numel: int) -> int:
     return math.ceil(row_numel / level.avg)
 
@@ -66,9 +71,9 @@ def row_bytes(level: Level, row_numel: int, group_size: int) -> int:
 
 def slot_bytes(level: Level, row_numel: int, group_size: int) -> tuple[int, int]:
     """A row's slot in the allocated layout: (aligned code bytes, aligned code + meta bytes)."""
-    codes = -(-row_bytes(level, row_numel, group_size) // ROW_ALIGN) * ROW_ALIGN
+    codes = aligned(row_bytes(level, row_numel, group_size))
     meta = 4 * groups_per_row(level, row_numel, group_size)
-    return codes, codes + -(-meta // ROW_ALIGN) * ROW_ALIGN
+    return codes, codes + aligned(meta)
 
 
 def row_budget(ladder: Sequence[Level], row_numel: int, group_size: int, bits: float) -> int:
@@ -96,7 +101,7 @@ def row_layout(levels: Sequence[Level], row_numel: int, group_size: int) -> RowL
         byte_offsets.append(nbytes)
         group_offsets.append(ngroups)
         size = row_bytes(level, row_numel, group_size)
-        nbytes += -(-size // ROW_ALIGN) * ROW_ALIGN
+        nbytes += aligned(size)
         ngroups += groups_per_row(level, row_numel, group_size)
     return RowLayout(tuple(byte_offsets), tuple(group_offsets), nbytes, ngroups)
 

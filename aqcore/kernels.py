@@ -25,7 +25,7 @@ import torch
 
 from . import noise
 from .errors import ERROR_LEVELS, level_errors
-from .format import ROW_ALIGN, groups_per_row, row_bytes
+from .format import aligned, groups_per_row, row_bytes
 from .levels import QUANTIZED_LEVELS, Level
 
 CSRC = Path(__file__).resolve().parent / "csrc"
@@ -180,12 +180,12 @@ def _make_plan(ids: bytes, row_numel: int, group_size: int, device: torch.device
     for i in set(ids):
         level = _LEVEL_OF_ID[i]
         nbytes = row_bytes(level, row_numel, group_size)
-        aligned = -(-nbytes // ROW_ALIGN) * ROW_ALIGN
-        sizes[i] = (aligned, groups_per_row(level, row_numel, group_size), aligned != nbytes)
+        slot = aligned(nbytes)
+        sizes[i] = (slot, groups_per_row(level, row_numel, group_size), slot != nbytes)
     padded = any(pad for _, _, pad in sizes.values())
     if len(sizes) == 1:
-        aligned, groups, _ = sizes[ids[0]]
-        return _Plan(aligned * len(ids), groups * len(ids), padded, None, ids[0], aligned, groups)
+        slot, groups, _ = sizes[ids[0]]
+        return _Plan(slot * len(ids), groups * len(ids), padded, None, ids[0], slot, groups)
     byte_offsets = [0, *accumulate(sizes[i][0] for i in ids)]
     group_offsets = [0, *accumulate(sizes[i][1] for i in ids)]
     order = sorted(range(len(ids)), key=ids.__getitem__)  # rows of one level run together
@@ -296,11 +296,8 @@ def compress_table(rows: torch.Tensor, table: torch.Tensor, payload: torch.Tenso
 
 def decompress_table(payload: torch.Tensor, table: torch.Tensor, group_size: int,
                      out: torch.Tensor) -> torch.Tensor:
-    """reference.decompress_table."""
-    target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype, device=out.device)
-    _extension().decompress(payload, payload.view(torch.bfloat16), target, table, -1, group_size, 0, 0)
-    if target is not out:
-        out.copy_(target)
+    """reference.decompress_table; out: contiguous (R, F)."""
+    _extension().decompress(payload, payload.view(torch.bfloat16), out, table, -1, group_size, 0, 0)
     return out
 
 
