@@ -107,7 +107,8 @@ class LayerScheme:
                           self.controller.reallocating)
         if fan is not None:
             if obs.full:
-                obs.fan, obs.mean_sq = fan, rows.float().square().mean()
+                norm = torch.linalg.vector_norm(rows, dtype=torch.float32)  # one pass, no copy
+                obs.fan, obs.mean_sq = fan, norm.square() / rows.numel()
                 if weight is not None:
                     obs.out_sq = weight.detach().flatten(1).float().square().sum(1)
             self.controller.last_weighted = obs
@@ -268,7 +269,6 @@ class Controller:
         costs = _to_device(torch.tensor(slots).repeat_interleave(per_row, 0), device)
         sens = torch.cat([o.scheme.sensitivity(o) for o in observations])
         weighted = sens.unsqueeze(1) * torch.cat([o.errors for o in observations]).float()
-        weighted = torch.where(torch.isfinite(weighted) & (weighted > 0), weighted, 0.0)
         spent = costs.gather(1, aqcore.allocate_rows(weighted, costs, budget).unsqueeze(1)).squeeze(1)
         layers = list(dict.fromkeys((o.scheme, o.sample_numel) for o in observations))
         owner = torch.tensor([layers.index((o.scheme, o.sample_numel)) for o in observations])

@@ -6,8 +6,9 @@ GPU idles while Python solves. Here the same multiple-choice knapsack is solved 
 data lives, by the Lagrangian method, in one CUDA launch (or the torch code below, which
 is its specification and the CPU path).
 
-Inputs: weighted errors W (N, L), W[n, l] = C_n e_n(l) >= 0 and finite, integer costs
-(N, L) or (L,) (bytes), an integer budget >= the cheapest choice. Levels must run from
+Inputs: weighted errors W (N, L), W[n, l] = C_n e_n(l) (NaN, Inf and negative entries
+count as 0: statistics of non-finite data price every level alike), integer costs (N, L)
+or (L,) (bytes), an integer budget >= the cheapest choice. Levels must run from
 expensive to cheap, so that ties go to the cheaper one. The procedure, bit for bit:
 
 1. For a multiplier lam (float32), row n takes the largest l minimising
@@ -102,12 +103,17 @@ def reference_row_table(choice: torch.Tensor, codes: list[int], slots: list[int]
     return torch.stack([code[order], start, meta, order], 1)
 
 
+def _finite(weighted: torch.Tensor) -> torch.Tensor:
+    return weighted.nan_to_num(0.0, 0.0, 0.0).clamp_min(0.0)
+
+
 def allocate_rows(weighted: torch.Tensor, costs: torch.Tensor, budget: int) -> torch.Tensor:
     """Level index per row (int64, weighted's device) minimising sum_n weighted[n, l_n]
-    within sum_n costs[n, l_n] <= budget (module docstring). The caller guarantees weighted
-    >= 0 and finite, levels ordered from expensive to cheap and a budget that the cheapest
-    levels meet; on CUDA this runs as one kernel with no host synchronization."""
+    within sum_n costs[n, l_n] <= budget (module docstring). The caller guarantees levels
+    ordered from expensive to cheap and a budget that the cheapest levels meet; on CUDA
+    this runs as one kernel with no host synchronization."""
     _check(weighted, costs)
+    weighted = _finite(weighted)
     if weighted.is_cuda:
         from . import kernels
 
@@ -123,6 +129,7 @@ def allocate_layout(weighted: torch.Tensor, budget: int, codes: list[int], slots
     _check(weighted)
     if not len(codes) == len(slots) == len(payloads) == weighted.shape[-1]:
         raise ValueError("codes, slots and payloads need one entry per level of weighted")
+    weighted = _finite(weighted)
     if weighted.is_cuda:
         from . import kernels
 

@@ -191,7 +191,6 @@ def compress_allocated(x: torch.Tensor, ladder: Sequence[LevelSpec], weights: to
     if errors is None:
         errors = level_errors(rows, group_size, levels)
     weighted = weights.to(rows.device, torch.float32).unsqueeze(1) * errors.float()
-    weighted = weighted.nan_to_num(0.0, 0.0, 0.0).clamp_min(0.0)
     slots = [slot_bytes(level, rows.shape[1], group_size) for level in levels]
     totals = [total for _, total in slots]
     if budget is None:
