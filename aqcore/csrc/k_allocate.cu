@@ -140,8 +140,8 @@ __global__ void __launch_bounds__(kThreads) allocate_kernel(const AllocateParams
   }
   if (p.table == nullptr) return;
 
-  // The row table: warp l ranks the rows of level l (in row order) with ballots.
-  __syncthreads();  // every choice written
+  // The row table (every choice is written: the loop above ends on a barrier): warp l
+  // ranks the rows of level l, in row order, with ballots.
   if (warp < p.levels) {
     int64_t n = 0;
     for (int64_t start = 0; start < p.rows; start += 32) {
