@@ -57,7 +57,8 @@ def level_errors(rows: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
     (errors.py's model). On CUDA with group_size 256, from one fused kernel pass."""
     levels = tuple(levels)
     if (rows.is_cuda and group_size == DEFAULT_GROUP_SIZE and rows.dtype in FLOAT_DTYPES
-            and rows.dim() == 2 and rows.numel() > 0 and all(not l.is_raw for l in levels)):
+            and rows.dim() == 2 and rows.numel() > 0
+            and all(not (l.is_raw or l.zeros) for l in levels)):
         backend = _backend(rows.device)
         if backend is not reference:
             return backend.fused_level_errors(rows, levels)
@@ -76,10 +77,10 @@ def _parse_levels(level, x: torch.Tensor) -> tuple[Level, ...]:
             raise ValueError(
                 f"a per-row level list needs one level per row of dim 0: got {len(levels)} "
                 f"levels for shape {tuple(x.shape)}")
-        raw = [str(l) for l in levels if l.is_raw]
-        if raw:
-            raise ValueError(f"per-row levels must be quantized levels, not {raw[0]!r}; "
-                             "store a whole tensor at 16/32 bits instead")
+        whole = [str(l) for l in levels if l.is_raw or l.zeros]
+        if whole:
+            raise ValueError(f"per-row levels must be quantized levels, not {whole[0]!r}; "
+                             "raw and zero-keeping levels store whole tensors")
         return levels
     return (parse_level(level),)
 
@@ -147,16 +148,24 @@ def compress(x: torch.Tensor, level: "LevelSpec | Sequence[LevelSpec]", seed: in
         return ct, level_errors(_memory_order(x, 1)[0].reshape(1, -1), group_size)
     ordered, perm = _memory_order(x, len(levels))
     rows = ordered.view(len(levels), -1)
-    payload, meta, errs = _compress_rows(rows, levels, seed, group_size, errors)
+    mask = None
+    if levels[0].zeros:
+        mask = _backend(x.device).pack_bits(rows.reshape(-1) != 0)
+        errs = level_errors(rows, group_size) if errors else None
+        payload, meta, _ = _compress_rows(reference.fill_zeros(rows, levels[0].avg),
+                                          (levels[0].codes_level,), seed, group_size, False)
+    else:
+        payload, meta, errs = _compress_rows(rows, levels, seed, group_size, errors)
     ct = CompressedTensor(KIND_CODES, payload, meta, x.shape, x.dtype, levels, seed,
-                          group_size, perm)
+                          group_size, perm, mask=mask)
     return (ct, errs) if errors else ct
 
 
 def _ladder(ladder: Sequence[LevelSpec]) -> tuple[Level, ...]:
     levels = tuple(parse_level(l) for l in ladder)
-    if not 1 <= len(levels) <= 8 or any(l.is_raw for l in levels):
-        raise ValueError(f"a ladder holds 1 to 8 quantized levels, got {[str(l) for l in levels]}")
+    if not 1 <= len(levels) <= 8 or any(l.is_raw or l.zeros for l in levels):
+        raise ValueError(f"a ladder holds 1 to 8 per-row levels (no raw or zero-keeping ones), "
+                         f"got {[str(l) for l in levels]}")
     if len(set(levels)) < len(levels) or any(
             a.bits_per_value < b.bits_per_value for a, b in zip(levels, levels[1:])):
         raise ValueError("a ladder runs from the most to the least bits per value, each level "
@@ -235,8 +244,12 @@ def decompress(ct: CompressedTensor, out: torch.Tensor | None = None) -> torch.T
             return out.copy_(decompress(ct))
         result = ordered = out
     rows = ordered.view(ct.rows, -1)
+    backend = _backend(ct.device)
     if ct.table is not None:
-        _backend(ct.device).decompress_table(ct.payload, ct.table, ct.group_size, rows)
+        backend.decompress_table(ct.payload, ct.table, ct.group_size, rows)
     else:
-        _backend(ct.device).decompress_rows(ct.payload, ct.meta, ct.levels, ct.group_size, rows)
+        codes = tuple(level.codes_level for level in ct.levels)
+        backend.decompress_rows(ct.payload, ct.meta, codes, ct.group_size, rows)
+    if ct.mask is not None:
+        rows.masked_fill_(~backend.unpack_bits(ct.mask, rows.numel()).view(rows.shape), 0)
     return result

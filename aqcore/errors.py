@@ -14,6 +14,12 @@ sum (x_hat - x)^2 that storing the row at that level adds:
 A short last run averages the values it has and deviates about its own mean; a short
 last group counts its n_g values.
 
+  zero-keeping AQ, k values: the AQ error of the rows whose zeros are filled with their
+                 run's nonzero mean (reference.fill_zeros): D_k is then the deviation of
+                 the nonzeros about their own mean (zeros are exact); the rounding
+                 variance is scaled by the row's share of nonzeros (zeros are exact) and
+                 taken on the zero-keeping grid of B - 1 steps (runs of zeros average to 0).
+
 The published allocators price AQ like 1-bit rounding; this uses the data instead.
 
 How it is computed (training steps call it for every layer, so it stays cheap on any
@@ -42,6 +48,7 @@ import math
 import torch
 
 from .levels import QUANTIZED_LEVELS, Level
+from .reference import fill_zeros
 
 ERROR_LEVELS: tuple[Level, ...] = QUANTIZED_LEVELS
 
@@ -122,6 +129,27 @@ def level_errors(rows: torch.Tensor, group_size: int = 256,
     n_rows, n = rows.shape
     if n == 0 or not levels:
         return torch.zeros(n_rows, len(levels), device=rows.device)
+    plain = tuple(dict.fromkeys(level for level in levels if not level.zeros))
+    columns = {}
+    if plain:
+        deviation, rounding = _error_terms(rows, group_size, plain)
+        columns = dict(zip(plain, (deviation + rounding).unbind(-1)))
+    for level in levels:
+        if level.zeros and level not in columns:
+            # rounding reaches the nonzeros only, scaled by their share of the row, on the
+            # zero-keeping grid (B - 1 steps: runs of zeros make 0 a code of its own)
+            filled = fill_zeros(rows, level.avg)
+            deviation, rounding = _error_terms(filled, group_size, (level.codes_level,))
+            steps = (1 << level.bits) - 1
+            density = (rows != 0).sum(1, dtype=torch.float32) * (steps / (steps - 1)) ** 2 / n
+            columns[level] = torch.addcmul(deviation[:, 0], rounding[:, 0], density)
+    return torch.stack([columns[level] for level in levels], -1)
+
+
+def _error_terms(rows: torch.Tensor, group_size: int, levels: tuple[Level, ...]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(deviation D_k, rounding variance) per row and plain or AQ level, each (R, len(levels))."""
+    n_rows = rows.shape[0]
     runs = {level.avg for level in levels}
     if any(k & (k - 1) for k in runs):
         raise ValueError(f"level_errors: AQ runs must be powers of two, got {sorted(runs)}")
@@ -137,8 +165,6 @@ def level_errors(rows: torch.Tensor, group_size: int = 256,
         run *= 2
         if run in runs:
             roots[run], deviations[run] = _range_root(means, tail, group_size), deviation
-    # every column is D_k + k * rounding_scale * root_k^2 (D_1 = 0)
-    columns = [torch.addcmul(deviations[level.avg], roots[level.avg], roots[level.avg],
-                             value=level.avg * _rounding_scale(level.bits, group_size))
-               for level in levels]
-    return torch.stack(columns, -1)
+    rounding = [roots[level.avg].square() * (level.avg * _rounding_scale(level.bits, group_size))
+                for level in levels]
+    return torch.stack([deviations[level.avg] for level in levels], -1), torch.stack(rounding, -1)

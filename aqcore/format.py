@@ -16,7 +16,13 @@ meta (bfloat16, shape (groups, 2)): per group (m0, m1).
   NaN       non-finite group: every value is NaN
 with B = 2**b - 1, all arithmetic in float32, each operation rounded on its own.
 The zero-keeping form serves groups whose minimum is exactly 0 (ReLU and dropout outputs,
-b >= 2) and groups holding one constant. m0/m1 are the group's range rounded outward to
+b >= 2) and groups holding one constant.
+
+Zero-keeping AQ levels (aq1z, aq0.5z, aq0.25z; whole tensors only): payload and meta are
+those of the AQ level for the tensor whose zeros are replaced by the mean of the nonzeros
+of their run (reference.fill_zeros), and `mask` (uint8) holds one bit per value, 1 for a
+nonzero, value i at bit i % 8 of byte i // 8, in memory order. Decompression decodes the
+AQ level and sets the masked-out values to exactly 0. m0/m1 are the group's range rounded outward to
 bfloat16, so the grid always covers the group (ALGORITHMS.md A.7 is the bias we avoid).
 
 Allocated layout (api.compress_allocated: levels chosen on the device, unknown to the
@@ -39,7 +45,7 @@ from .levels import QUANTIZED_LEVELS, Level
 ROW_ALIGN = 16
 KIND_CODES = "codes"  # quantized rows, payload + meta as described above
 KIND_RAW = "raw"      # the tensor (or its 16-bit copy) held as is
-KIND_BITS = "bits"    # a 0/1 tensor packed at one bit per value, LSB first
+KIND_BITS = "bits"    # a 0/1 tensor packed at one bit per value, LSB first (as `mask` below)
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,7 @@ class CompressedTensor:
     group_size: int
     perm: tuple[int, ...]
     table: torch.Tensor | None = None  # allocated layout only (levels = the ladder offered)
+    mask: torch.Tensor | None = None   # zero-keeping AQ levels only: the nonzeros, 1 bit each
 
     @property
     def rows(self) -> int:
@@ -139,8 +146,8 @@ class CompressedTensor:
 
     @property
     def nbytes(self) -> int:
-        """Every byte this object holds in tensors: payload, per-group metadata, row table."""
-        held = [self.payload, self.meta] + ([] if self.table is None else [self.table])
+        """Every byte this object holds in tensors: payload, per-group metadata, row table, mask."""
+        held = [t for t in (self.payload, self.meta, self.table, self.mask) if t is not None]
         return sum(t.numel() * t.element_size() for t in held)
 
     def row_levels(self) -> tuple[Level, ...]:
@@ -155,10 +162,8 @@ class CompressedTensor:
         return row_layout(self.levels, self.row_numel, self.group_size)
 
     def to(self, device: "torch.device | str", non_blocking: bool = False) -> "CompressedTensor":
-        table = None if self.table is None else self.table.to(device, non_blocking=non_blocking)
-        return replace(
-            self,
-            payload=self.payload.to(device, non_blocking=non_blocking),
-            meta=self.meta.to(device, non_blocking=non_blocking),
-            table=table,
-        )
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device, non_blocking=non_blocking)
+
+        return replace(self, payload=move(self.payload), meta=move(self.meta),
+                       table=move(self.table), mask=move(self.mask))

@@ -44,6 +44,19 @@ def average_runs(rows: torch.Tensor, k: int) -> torch.Tensor:
     return total / count
 
 
+def fill_zeros(rows: torch.Tensor, k: int) -> torch.Tensor:
+    """(R, F) float32 rows with every zero replaced by the mean of the nonzero values of its
+    run of k (a short last run: of the values it has; 0 in a run of zeros). Averaging a run
+    of the result gives the mean of its nonzeros: the codes of a zero-keeping AQ level are
+    the AQ codes of this tensor (format.py)."""
+    n_rows, n = rows.shape
+    runs = math.ceil(n / k)
+    padded = torch.nn.functional.pad(rows.float(), (0, runs * k - n)).view(n_rows, runs, k)
+    nonzero = padded != 0
+    means = padded.sum(-1, keepdim=True) / nonzero.sum(-1, keepdim=True).clamp_min(1)
+    return torch.where(nonzero, padded, means).view(n_rows, -1)[:, :n]
+
+
 def _pad_groups(values: torch.Tensor, group_size: int) -> torch.Tensor:
     """(r, n) -> (r, groups, group_size); padding repeats the last group's first value so
     it never changes a group's min/max (its codes are zeroed later)."""

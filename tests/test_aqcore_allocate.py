@@ -141,6 +141,8 @@ def test_compress_allocated_rejects_bad_input():
         aqcore.compress_allocated(x, ["aq0.5", "2"], torch.ones(2), 1.0)
     with pytest.raises(ValueError, match="ladder"):
         aqcore.compress_allocated(x, ["32", "2"], torch.ones(2), 1.0)
+    with pytest.raises(ValueError, match="zero-keeping"):
+        aqcore.compress_allocated(x, ["2", "aq0.5z"], torch.ones(2), 1.0)
     with pytest.raises(ValueError, match="weights"):
         aqcore.compress_allocated(x, LADDER, torch.ones(3), 1.0)
     with pytest.raises(ValueError, match="non-empty floating"):

@@ -13,6 +13,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 QUANTIZED = [level.name for level in aqcore.QUANTIZED_LEVELS]
 PLAIN = ["8", "4", "2", "1"]
 AQ = ["aq1", "aq0.5", "aq0.25"]
+ZERO_AQ = ["aq1z", "aq0.5z", "aq0.25z"]
 
 
 def group_step(ct):
@@ -31,6 +32,14 @@ def group_average(x, k):
     return reference.average_runs(flat, k).repeat_interleave(k, 1)[:, : flat.shape[1]].view(x.shape)
 
 
+def nonzero_average(x, k):
+    """The zero-keeping AQ model: zeros stay 0, a nonzero becomes its run's nonzero mean."""
+    flat = x.reshape(-1).float()
+    runs = torch.nn.functional.pad(flat, (0, -flat.numel() % k)).view(-1, k)
+    means = runs.sum(1) / (runs != 0).sum(1).clamp_min(1)
+    return torch.where(flat != 0, means.repeat_interleave(k)[: flat.numel()], 0.0).view(x.shape)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("level", list(aqcore.LEVELS))
 @pytest.mark.parametrize("shape", [(1,), (3, 5), (7, 33, 3), (2, 3, 300)])
@@ -47,7 +56,8 @@ def test_round_trip_keeps_shape_dtype_and_error_bound(level, dtype, shape):
         ulp = x.float().abs() * 2 ** -7 if dtype != torch.float32 else 0
         assert ((y.float() - x.float()).abs() <= group_step(ct) * (1 + 1e-6) + ulp).all()
     else:
-        target = group_average(x, ct.levels[0].avg)
+        average = nonzero_average if level in ZERO_AQ else group_average
+        target = average(x, ct.levels[0].avg)
         ulp = target.abs() * 2 ** -7 if dtype != torch.float32 else 0
         assert ((y.float() - target).abs() <= group_step(ct) * (1 + 1e-6) + ulp).all()
 
@@ -97,6 +107,39 @@ def test_exact_zeros_stay_exact(level):
         assert (y >= 0).all()
 
 
+@pytest.mark.parametrize("level", ZERO_AQ)
+def test_zero_keeping_aq_keeps_the_zero_pattern_and_averages_the_nonzeros(level):
+    """A ReLU output at a zero-keeping AQ level: every zero decompresses to exactly 0 and
+    every positive stays positive (so ReLU's backward mask is exact), and in expectation a
+    nonzero value becomes the mean of the nonzeros of its run (plain AQ would spread the
+    run's mean over its zeros: most of them turn positive)."""
+    torch.manual_seed(3)
+    x = torch.relu(torch.randn(6, 333))
+    k = aqcore.parse_level(level).avg
+    seeds = 300
+    total = torch.zeros_like(x)
+    for seed in range(seeds):
+        y = aqcore.decompress(aqcore.compress(x, level, seed=seed))
+        assert torch.equal(y == 0, x == 0) and (y >= 0).all()
+        total += y
+    step = group_step(aqcore.compress(x, level))
+    target = nonzero_average(x, k)
+    z = (total / seeds - target).abs() / (step / (2 * math.sqrt(seeds)))
+    assert z[x != 0].max() < 6
+    plain = aqcore.decompress(aqcore.compress(x, level[:-1]))
+    assert ((plain > 0) != (x > 0)).float().mean() > 0.2
+
+
+def test_zero_keeping_aq_carries_non_finite_values():
+    """A NaN makes its group of codes (here one row: 1024 values, 256 averages) NaN, as at
+    every level; the zeros of that group stay exact zeros, other groups stay finite."""
+    x = torch.relu(torch.randn(4, 1024))
+    x[1, 7] = float("nan")
+    y = aqcore.decompress(aqcore.compress(x, "aq0.5z"))
+    assert torch.isnan(y[1][x[1] != 0]).all() and torch.isfinite(y[[0, 2, 3]]).all()
+    assert torch.equal(y == 0, x == 0)
+
+
 def test_relu_mask_gradient_converges_with_zeros_kept():
     """A ReLU+BN CNN whose ReLU backward reads its saved output: with exact zeros kept,
     the mean of compressed gradients converges to the exact gradient."""
@@ -139,14 +182,17 @@ def test_nbytes_counts_payload_and_metadata():
             continue
         codes = x.numel() / level.avg
         expected = codes * level.bits / 8 + math.ceil(codes / 256) * 4
+        expected += x.numel() / 8 if level.zeros else 0  # the mask
         assert abs(ct.nbytes - expected) <= 0.02 * expected
 
 
 def test_bytes_per_value_at_group_size_256():
     x = torch.randn(1 << 20)
-    per_value = {name: aqcore.compress(x, name).nbytes * 8 / x.numel() for name in QUANTIZED}
+    per_value = {name: aqcore.compress(x, name).nbytes * 8 / x.numel()
+                 for name in QUANTIZED + ZERO_AQ}
     assert per_value == pytest.approx({"8": 8.125, "4": 4.125, "2": 2.125, "1": 1.125,
-                                       "aq1": 1.0625, "aq0.5": 0.53125, "aq0.25": 0.265625})
+                                       "aq1": 1.0625, "aq0.5": 0.53125, "aq0.25": 0.265625,
+                                       "aq1z": 2.0625, "aq0.5z": 1.53125, "aq0.25z": 1.265625})
 
 
 def test_format_is_deterministic_per_seed():
@@ -301,6 +347,8 @@ def test_bad_arguments_are_clear():
         aqcore.compress(x, ["2", "4"])
     with pytest.raises(ValueError, match="quantized levels"):
         aqcore.compress(x, ["2", "32", "2", "2"])
+    with pytest.raises(ValueError, match="zero-keeping levels store whole tensors"):
+        aqcore.compress(x, ["2", "aq1z", "2", "2"])
     with pytest.raises(ValueError, match="multiple of 32"):
         aqcore.compress(x, "2", group_size=100)
 

@@ -32,6 +32,20 @@ def test_level_errors_predict_measured_error(kind):
         assert ((ratio > low) & (ratio < 1.4)).all(), (level, ratio)
 
 
+def test_zero_keeping_levels_are_priced_on_the_nonzeros():
+    """ReLU-like data: the zero-keeping AQ error (the deviation of the nonzeros about their
+    own run mean, plus rounding on the nonzeros) predicts the measured error, and lies well
+    below plain AQ's, whose runs mix zeros and positives; also for a mostly-zero row."""
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(3, 4096) + torch.tensor([[0.0], [0.5], [-1.5]]))
+    levels = [aqcore.parse_level(n) for n in ("aq1", "aq0.5", "aq0.25", "aq1z", "aq0.5z", "aq0.25z")]
+    predicted = aqcore.level_errors(x, levels=levels)
+    for i, level in enumerate(levels[3:], start=3):
+        ratio = measured_error(x, level) / predicted[:, i]
+        assert ((ratio > 0.7) & (ratio < 1.4)).all(), (level, ratio)
+        assert (predicted[:, i] < 0.7 * predicted[:, i - 3]).all()
+
+
 def test_aq_is_priced_from_data():
     torch.manual_seed(0)
     pairs = torch.rand(4096).repeat_interleave(2).view(1, -1)   # averaging pairs is free
