@@ -34,8 +34,8 @@ def test_level_errors_predict_measured_error(kind):
 
 def test_zero_keeping_levels_are_priced_on_the_nonzeros():
     """ReLU-like data: the zero-keeping AQ error (the deviation of the nonzeros about their
-    own run mean, plus rounding on the nonzeros) predicts the measured error, and lies well
-    below plain AQ's, whose runs mix zeros and positives; also for a mostly-zero row."""
+    own run mean, plus rounding on the nonzeros) predicts the measured error, and lies below
+    plain AQ's, whose runs mix zeros and positives: far below for a mostly-zero row."""
     torch.manual_seed(0)
     x = torch.relu(torch.randn(3, 4096) + torch.tensor([[0.0], [0.5], [-1.5]]))
     levels = [aqcore.parse_level(n) for n in ("aq1", "aq0.5", "aq0.25", "aq1z", "aq0.5z", "aq0.25z")]
@@ -43,7 +43,8 @@ def test_zero_keeping_levels_are_priced_on_the_nonzeros():
     for i, level in enumerate(levels[3:], start=3):
         ratio = measured_error(x, level) / predicted[:, i]
         assert ((ratio > 0.7) & (ratio < 1.4)).all(), (level, ratio)
-        assert (predicted[:, i] < 0.7 * predicted[:, i - 3]).all()
+        assert (predicted[:, i] < predicted[:, i - 3]).all()
+        assert predicted[2, i] < 0.5 * predicted[2, i - 3]
 
 
 def test_aq_is_priced_from_data():
