@@ -21,7 +21,7 @@ import aqcore
 from aqcore import Level
 from aqcore.solver import allocate_bits
 
-from .packing import Plan, Tracer, Unit
+from .packing import ZEROS, Plan, Tracer, Unit
 
 
 def rounding_seed(*parts: int) -> int:
@@ -32,12 +32,20 @@ def rounding_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def tensor_errors(x: torch.Tensor, levels: Sequence[Level], group_size: int) -> np.ndarray:
-    """Expected squared error of storing x at each level (0 for levels kept as is)."""
+def allowed(level: Level, zeros: bool) -> bool:
+    """Whether a tensor may be stored at level: one whose zeros must stay exact (a ReLU
+    output) takes only levels that keep them, any other takes every level but those."""
+    return aqcore.zero_safe(level) is level if zeros else not level.zeros
+
+
+def tensor_errors(x: torch.Tensor, levels: Sequence[Level], group_size: int,
+                  zeros: bool = False) -> np.ndarray:
+    """Expected squared error of storing x at each level: 0 for levels kept as is, inf for
+    levels it may not take (allowed)."""
     rows = x.detach().reshape(1, -1)
-    measured = aqcore.level_errors(rows, group_size)[0].double().cpu().numpy()
-    column = {level: i for i, level in enumerate(aqcore.ERROR_LEVELS)}
-    return np.array([0.0 if level.is_raw else measured[column[level]] for level in levels])
+    quantized = tuple(l for l in levels if allowed(l, zeros) and not l.is_raw)
+    measured = dict(zip(quantized, aqcore.level_errors(rows, group_size, quantized)[0].tolist()))
+    return np.array([0.0 if level.is_raw else measured.get(level, np.inf) for level in levels])
 
 
 def same_but_batch(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
@@ -56,22 +64,25 @@ def allocate(sizes: Sequence[int], variance: np.ndarray, levels: Sequence[Level]
 
 
 class Measurement(Tracer):
-    """Sizes and per-level errors of the float tensors of a pass, by tensor id."""
+    """Sizes, kinds and per-level errors of the float tensors of a pass, by tensor id."""
 
     def __init__(self, ladder: Sequence[Level], group_size: int) -> None:
         self.ladder = tuple(ladder)
         self.group_size = group_size
         self.shapes: list[tuple[int, ...]] = []
+        self.zeros = np.zeros(0, dtype=bool)
         self.errors = np.zeros((0, len(self.ladder)))
         self._errors: dict[int, np.ndarray] = {}
 
     def on_pack(self, x: torch.Tensor, unit: Optional[Unit], new: bool) -> None:
         if new and unit.tid is not None:
-            self._errors[unit.tid] = tensor_errors(x, self.ladder, self.group_size)
+            self._errors[unit.tid] = tensor_errors(x, self.ladder, self.group_size,
+                                                   unit.kind == ZEROS)
 
-    def finish(self, seen: Sequence[torch.Size]) -> None:
-        """seen: the pass's float-unit shapes by tensor id (Packer.seen)."""
+    def finish(self, seen: Sequence[torch.Size], kinds: Sequence[str]) -> None:
+        """seen, kinds: the pass's float-unit shapes and kinds by tensor id (Packer)."""
         self.shapes = [tuple(shape) for shape in seen]
+        self.zeros = np.array([kind == ZEROS for kind in kinds], dtype=bool)
         if seen:
             self.errors = np.stack([self._errors[tid] for tid in range(len(seen))])
 
@@ -86,19 +97,20 @@ class Measurement(Tracer):
 class LevelPlan(Plan):
     """Levels by tensor id from the last allocation. A tensor counts as the one allocated
     under its id if its shape matches but for dim 0 (batch sizes may differ from the
-    backprop() closure's); anything else (a new id, a changed graph) gets the fallback."""
+    backprop() closure's); anything else (a new id, a changed graph) gets the fallback of
+    its kind, fallback(zeros)."""
 
     def __init__(self, levels: Sequence[Level], shapes: Sequence[tuple[int, ...]],
-                 fallback: Level, seeds) -> None:
+                 fallback, seeds) -> None:
         self.levels = list(levels)
         self.shapes = [tuple(s) for s in shapes]
         self.fallback = fallback
         self.seeds = seeds
 
-    def level(self, tid: int, x: torch.Tensor) -> Level:
+    def level(self, tid: int, x: torch.Tensor, zeros: bool) -> Level:
         if tid < len(self.levels) and same_but_batch(self.shapes[tid], tuple(x.shape)):
             return self.levels[tid]
-        return self.fallback
+        return self.fallback(zeros)
 
     def seed(self, tid: int) -> int:
         return self.seeds(tid)

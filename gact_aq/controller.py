@@ -29,7 +29,7 @@ from aqcore import Level
 
 from . import settings
 from .autoprec import LevelPlan, allocate, rounding_seed
-from .packing import Packer, Plan, Tracer
+from .packing import EXACT, Packer, Plan, Tracer
 from .probing import Gradients, Prober
 from .report import Report
 from .sensitivity import ESTIMATORS
@@ -121,7 +121,8 @@ class Controller:
                 "nothing to compress: backprop() saved no floating tensor that requires grad "
                 f"with at least {self.config.min_numel} values (config.min_numel)")
         sensitivity, variance = _averaged_over_ranks(sensitivity, variance)
-        if not (np.isfinite(sensitivity).all() and np.isfinite(variance).all()):
+        usable = np.isfinite(measurement.errors)  # inf: a level the tensor may not take
+        if not (np.isfinite(sensitivity).all() and np.isfinite(variance[usable]).all()):
             warnings.warn("gact_aq: non-finite gradients in the sensitivity pass; keeping the "
                           "previous levels", stacklevel=2)
             return
@@ -153,9 +154,12 @@ class Controller:
                                  for t in (*self.module.parameters(), *self.module.buffers())}
 
     def _training_plan(self) -> Plan:
-        start = settings.start_level(self.config) if self.config.compress else aqcore.parse_level("32")
-        levels = self.levels if self.config.auto_prec else []
-        return LevelPlan(levels, self.shapes, start, lambda tid: self.seed_for(TRAINING_PASS, tid))
+        cfg = self.config
+        starts = {zeros: settings.start_level(cfg, zeros) if cfg.compress else EXACT
+                  for zeros in (False, True)}
+        levels = self.levels if cfg.auto_prec else []
+        return LevelPlan(levels, self.shapes, starts.__getitem__,
+                         lambda tid: self.seed_for(TRAINING_PASS, tid))
 
     @contextlib.contextmanager
     def _hooks_installed(self):
@@ -196,13 +200,14 @@ class Controller:
 
 
 class _ProbePlan(Plan):
+    measures = True
+
     def __init__(self, levels: dict[int, Level], seeds) -> None:
         self.levels = levels
         self.seeds = seeds
-        self.exact = aqcore.parse_level("32")
 
-    def level(self, tid: int, x: torch.Tensor) -> Level:
-        return self.levels.get(tid, self.exact)
+    def level(self, tid: int, x: torch.Tensor, zeros: bool) -> Level:
+        return self.levels.get(tid, EXACT)
 
     def seed(self, tid: int) -> int:
         return self.seeds(tid)

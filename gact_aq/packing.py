@@ -1,10 +1,19 @@
 """The saved-tensor hooks: what is compressed, deduplication, and what the graph holds.
 
 pack(x) runs when autograd saves x for backward and returns what the graph keeps instead;
-unpack(...) runs when backward needs x. Policy (ALGORITHMS.md C.3, fixed per section F):
+unpack(...) runs when backward needs x. Policy (docs/frameworks.md; the published rules
+and what we changed):
 
-* floating activations (fp32/fp16/bf16, ndim >= 2, at least `min_numel` values) that
-  require grad are compressed at the level the plan gives their tensor id;
+* floating activations (fp32/fp16/bf16, ndim >= 2) that require grad get a tensor id in
+  save order, and are compressed at the level the plan gives that id when they hold at
+  least `min_numel` values (ids do not depend on sizes, so a smaller backprop() batch
+  sees the same ids as training);
+* what the producer's own backward does with its saved output decides what a level may
+  do to it: a ReLU output keeps its exact zero pattern (its backward tests result > 0:
+  1-bit and AQ levels become their zero-keeping forms, aqcore.zero_safe), a log-softmax
+  output is kept exact (its backward exponentiates it: an error e scales a probability
+  by exp(e)), and a fused attention's output and normalizer are recomputed from its
+  stored q, k, v in backward instead of stored (attention.py);
 * bool tensors (dropout masks on CUDA) and, on CPU, two-valued {0, c} float tensors that do
   not require grad (CPU dropout saves its mask as floats) are packed at 1 bit, losslessly;
 * everything else is kept as it is: parameters, buffers and views or casts of them (autocast's
@@ -30,6 +39,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 import aqcore
 from aqcore import CompressedTensor, Level
 
+from . import attention
 from .swap import Swapped, Swapper
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -43,7 +53,13 @@ _VIEW_OR_CAST = frozenset({
     "UnbindBackward0", "UnsafeViewBackward0", "UnsqueezeBackward0", "ViewBackward0",
 })
 
-FLOAT, MASK, SCALED_MASK = "float", "mask", "scaled_mask"
+# producers whose backward reads their own saved output nonlinearly (docstring above)
+KEEP_RESULT = frozenset({"LogSoftmaxBackward0"})
+ZERO_RESULT = frozenset({"ReluBackward0", "ThresholdBackward0", "ThresholdBackward1"})
+
+FLOAT, ZEROS, MASK, SCALED_MASK = "float", "zeros", "mask", "scaled_mask"
+FLOAT_KINDS = (FLOAT, ZEROS)
+EXACT = aqcore.parse_level("32")
 
 
 def derives_from_leaf(x: torch.Tensor, max_depth: int = 8) -> bool:
@@ -74,24 +90,28 @@ def _two_valued_scale(x: torch.Tensor) -> Optional[float]:
 
 def classify(x: torch.Tensor, min_numel: int,
              protected: "set[StorageWeakRef]") -> tuple[Optional[str], float]:
-    """(FLOAT, MASK or SCALED_MASK, the mask's nonzero value) for what is compressed,
+    """(FLOAT or ZEROS, 1.0) for an activation (compressed if it has min_numel values),
+    (MASK or SCALED_MASK, the mask's nonzero value) for a mask of min_numel values,
     (None, 1.0) for what is kept as it is. protected: the storages of the model's
     parameters and buffers."""
     keep = (None, 1.0)
-    if x.layout != torch.strided or x.numel() < min_numel:
+    if x.layout != torch.strided or x.numel() == 0:
         return keep
     if StorageWeakRef(x.untyped_storage()) in protected:
         return keep
     if x.dtype == torch.bool:
-        return MASK, 1.0
+        return (MASK, 1.0) if x.numel() >= min_numel else keep
     if x.dtype not in FLOAT_DTYPES:
         return keep
     if not x.requires_grad:
-        scale = _two_valued_scale(x)
+        scale = _two_valued_scale(x) if x.numel() >= min_numel else None
         return keep if scale is None else (SCALED_MASK, scale)
     if x.dim() < 2 or derives_from_leaf(x):
         return keep
-    return FLOAT, 1.0
+    producer = type(x.grad_fn).__name__
+    if producer in KEEP_RESULT:
+        return keep
+    return (ZEROS if producer in ZERO_RESULT else FLOAT), 1.0
 
 
 @dataclass(eq=False)
@@ -99,7 +119,7 @@ class Unit:
     """One saved activation as the graph holds it (shared by all saves of the tensor)."""
 
     tid: Optional[int]          # position in the save order (float units only)
-    kind: str
+    kind: str                   # FLOAT, ZEROS (exact zeros kept), MASK or SCALED_MASK
     shape: torch.Size
     dtype: torch.dtype
     level: Optional[Level]
@@ -122,11 +142,21 @@ class Unit:
         return x
 
 
+class Recomputed:
+    """What the graph holds for a fused attention's output: nothing (attention.py)."""
+
+    nbytes = 0
+
+
 class Plan(abc.ABC):
-    """Which level and seed a float unit gets; the Controller swaps plans between passes."""
+    """Which level and seed a float unit gets; the Controller swaps plans between passes.
+    A ZEROS unit stores aqcore.zero_safe of the level given. Units under min_numel values
+    are kept as they are, unless the plan measures (sensitivity passes measure them all)."""
+
+    measures = False
 
     @abc.abstractmethod
-    def level(self, tid: int, x: torch.Tensor) -> Level: ...
+    def level(self, tid: int, x: torch.Tensor, zeros: bool) -> Level: ...
 
     @abc.abstractmethod
     def seed(self, tid: int) -> int: ...
@@ -159,22 +189,30 @@ class Packer:
         self.protected: set[StorageWeakRef] = set()
         self.seen: list[torch.Size] = []         # shapes of this pass's float units, by tid
         self.units: "weakref.WeakSet[Unit]" = weakref.WeakSet()
+        self.kinds: list[str] = []               # FLOAT or ZEROS of this pass's units, by tid
         self._dedup: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
         self._next_tid = 0
         self._backward_seen = False
+        self._attention = attention.Rebuild()
+        self._attention_seen = False
 
     def new_pass(self) -> None:
         """Restart tensor ids (a new forward)."""
         self._next_tid = 0
         self._backward_seen = False
         self.seen = []
+        self.kinds = []
         self._dedup = weakref.WeakValueDictionary()
+        self._attention = attention.Rebuild()
 
     def pack(self, x: torch.Tensor):
         if self.tracer is not None and self.tracer.bypass:
             return x
         if self._backward_seen and not _in_backward():
             self.new_pass()
+        if self.active and self.compress and _attention_output(x):
+            self._attention_seen = True
+            return Recomputed()
         kind, scale = classify(x, self.min_numel, self.protected) if self.active else (None, 1.0)
         unit, new = None, False
         if kind is not None:
@@ -192,8 +230,18 @@ class Packer:
 
     def unpack(self, packed):
         self._backward_seen = True
+        if self._attention_seen:
+            node = torch._C._current_autograd_node()
+            if node is not None and type(node).__name__ in attention.NODES:
+                return self._attention.unpack(node, packed, self._restore)
+        return self._restore(packed)
+
+    def _restore(self, packed) -> torch.Tensor:
         if isinstance(packed, torch.Tensor):
             return packed
+        if isinstance(packed, Recomputed):
+            raise RuntimeError("gact_aq: a fused attention output was unpacked outside its "
+                               "own backward node")
         unit, shape = packed if isinstance(packed, tuple) else (packed, None)
         x = self.tracer.on_unpack(unit) if self.tracer is not None else None
         if x is None:
@@ -213,9 +261,13 @@ class Packer:
         else:
             tid = self._next_tid
             self._next_tid += 1
-            level = self.plan.level(tid, x) if self.compress else aqcore.parse_level("32")
+            level = EXACT
+            if self.compress and (x.numel() >= self.min_numel or self.plan.measures):
+                level = self.plan.level(tid, x, kind == ZEROS)
+                level = aqcore.zero_safe(level) if kind == ZEROS else level
             ct = aqcore.compress(x, level, seed=self.plan.seed(tid), group_size=self.group_size)
             self.seen.append(x.shape)
+            self.kinds.append(kind)
         data = self.swapper.offload(ct) if self.swapper is not None else ct
         return Unit(tid, kind, x.shape, x.dtype, level, data, scale)
 
@@ -227,6 +279,14 @@ def _dedup_key(x: torch.Tensor) -> tuple:
     storage = StorageWeakRef(x.untyped_storage())
     layout = (x.numel(),) if x.is_contiguous() else (tuple(x.shape), x.stride())
     return storage, x.storage_offset(), layout, x.dtype, x._version
+
+
+def _attention_output(x: torch.Tensor) -> bool:
+    """Whether this save is a fused attention node saving its own output (its output slot
+    is still empty while it does; a later save of the same tensor elsewhere is not)."""
+    node = x.grad_fn
+    return (node is not None and type(node).__name__ in attention.NODES
+            and attention.recognised(node) and node._raw_saved_output.data is None)
 
 
 def _in_backward() -> bool:

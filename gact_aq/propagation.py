@@ -55,7 +55,7 @@ import aqcore
 from aqcore import Level
 
 from .autoprec import Measurement
-from .packing import Unit
+from .packing import ZEROS, Unit
 
 Grads = tuple[Optional[torch.Tensor], ...]
 
@@ -159,6 +159,7 @@ class Propagation(Measurement):
                         continue
                     exact = unit.restore()
                     for j, level in enumerate(self.levels):
+                        level = aqcore.zero_safe(level) if unit.kind == ZEROS else level
                         noisy = aqcore.decompress(aqcore.compress(
                             exact, level, seed=self.seed(tid), group_size=self.group_size))
                         self._perturbed = (unit, noisy)

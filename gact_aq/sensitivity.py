@@ -42,7 +42,7 @@ def probe(ctl: "Controller", prober: Prober, ladder: Sequence[Level]):
     """
     m = Measurement(ladder, ctl.config.group_size)
     ctl.run_pass(prober, {}, pass_id=1, tracer=m)
-    m.finish(ctl.packer.seen)
+    m.finish(ctl.packer.seen, ctl.packer.kinds)
     sensitivity = np.zeros(len(m.numels))
     for tid in tqdm(range(len(m.numels)), desc="gact_aq probe", leave=False, disable=None):
         g0 = ctl.run_pass(prober, {tid: ONE_BIT}, pass_id=2 + 3 * tid)
@@ -52,9 +52,11 @@ def probe(ctl: "Controller", prober: Prober, ladder: Sequence[Level]):
         value = max(d01, 2 * max(d02, d12))
         if not np.isfinite(value) or value > MAX_PROBE_VALUE:
             value = MAX_PROBE_VALUE
-        error = m.error_at(ONE_BIT)[tid]
+        probed = aqcore.zero_safe(ONE_BIT) if m.zeros[tid] else ONE_BIT  # what the packer stored
+        error = m.error_at(probed)[tid]
         sensitivity[tid] = value / (2 * error) if error > 0 else 0.0
-    return sensitivity, m, sensitivity[:, None] * m.errors
+    with np.errstate(invalid="ignore"):  # 0 * inf: a level the tensor may not take
+        return sensitivity, m, sensitivity[:, None] * m.errors
 
 
 def propagate(ctl: "Controller", prober: Prober, ladder: Sequence[Level]):
@@ -69,12 +71,12 @@ def propagate(ctl: "Controller", prober: Prober, ladder: Sequence[Level]):
     measurement wins. Priced by the measured per-step variance alone, AQ spreads and a
     digits CNN at 1.25 bits loses 5 points of accuracy.
     """
-    measured = [ONE_BIT] + [level for level in ladder if level.is_aq]
+    measured = [ONE_BIT] + [level for level in ladder if level.is_aq and not level.zeros]
     tracer = Propagation(ladder, ctl.config.group_size, measured,
                          lambda tid: ctl.seed_for(pass_id=1, tid=tid))
     with tracer.watching(ctl.module):
         ctl.run_pass(prober, {}, pass_id=1, tracer=tracer)
-    tracer.finish(ctl.packer.seen)
+    tracer.finish(ctl.packer.seen, ctl.packer.kinds)
     if tracer.measured_nothing:
         tracer.sensitivities()
         warnings.warn("gact_aq: no tensor could be measured by propagation; using the "
@@ -84,8 +86,10 @@ def propagate(ctl: "Controller", prober: Prober, ladder: Sequence[Level]):
     sensitivity = rates[:, 0]
     columns = []
     for level in ladder:
-        rate = np.maximum(rates[:, measured.index(level)], sensitivity) if level.is_aq else sensitivity
-        columns.append(rate * tracer.error_at(level))
+        column = measured.index(level.codes_level) if level.is_aq else 0
+        rate = np.maximum(rates[:, column], sensitivity) if level.is_aq else sensitivity
+        with np.errstate(invalid="ignore"):  # 0 * inf: a level the tensor may not take
+            columns.append(rate * tracer.error_at(level))
     return sensitivity, tracer, np.stack(columns, axis=1)
 
 

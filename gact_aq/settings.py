@@ -124,10 +124,11 @@ def set_adapt_interval(n: int) -> None:
 
 def ladder(cfg: QuantizationConfig) -> tuple[Level, ...]:
     """The levels AutoPrecision chooses from: 32 (kept as is), 8, 4, 2, 1, then AQ down to
-    aq_bit (DESIGN.md section 4)."""
+    aq_bit and its zero-keeping forms (for ReLU outputs, autoprec.allowed) (docs/levels.md)."""
     levels = [aqcore.parse_level(b) for b in ("32", "8", "4", "2", "1")]
     if cfg.aq_bit:
-        levels += [aqcore.aq_level(b) for b in (1.0, 0.5, 0.25) if b >= cfg.aq_bit]
+        aq = [b for b in (1.0, 0.5, 0.25) if b >= cfg.aq_bit]
+        levels += [aqcore.aq_level(b) for b in aq] + [aqcore.aq_level(b, zeros=True) for b in aq]
     return tuple(levels)
 
 
@@ -142,10 +143,13 @@ def fixed_level(cfg: QuantizationConfig) -> Level:
     return aqcore.parse_level(int(cfg.bit))
 
 
-def start_level(cfg: QuantizationConfig) -> Level:
-    """The level of every tensor before the first adaptation: the finest ladder level whose
-    bits per value fit the budget (so iteration 0 already honours it)."""
+def start_level(cfg: QuantizationConfig, zeros: bool = False) -> Level:
+    """The level of a tensor before the first adaptation: the finest ladder level it may take
+    whose bits per value fit the budget (so iteration 0 already honours it), else the
+    cheapest it may take. zeros: a tensor whose zeros must stay exact (a ReLU output)."""
     if not cfg.auto_prec:
-        return fixed_level(cfg)
-    fitting = [l for l in ladder(cfg) if l.bits_per_value <= cfg.bit]
-    return fitting[0]
+        level = fixed_level(cfg)
+        return aqcore.zero_safe(level) if zeros else level
+    usable = [l for l in ladder(cfg) if (aqcore.zero_safe(l) is l if zeros else not l.zeros)]
+    fitting = [l for l in usable if l.bits_per_value <= cfg.bit]
+    return fitting[0] if fitting else min(usable, key=lambda l: l.bits_per_value)

@@ -40,15 +40,16 @@ class Swapper:
             self._stream = torch.cuda.Stream(ct.device)
         current = torch.cuda.current_stream(ct.device)
         self._stream.wait_stream(current)
+        held = {name: getattr(ct, name) for name in ("payload", "meta", "mask")
+                if getattr(ct, name) is not None}
         with torch.cuda.stream(self._stream):
-            payload = _to_pinned(ct.payload)
-            meta = _to_pinned(ct.meta)
+            host = {name: _to_pinned(t) for name, t in held.items()}
             done = torch.cuda.Event()
             done.record(self._stream)
         # the device buffers must not be reused before the side stream has read them
-        ct.payload.record_stream(self._stream)
-        ct.meta.record_stream(self._stream)
-        return Swapped(replace(ct, payload=payload, meta=meta), ct.device, done)
+        for t in held.values():
+            t.record_stream(self._stream)
+        return Swapped(replace(ct, **host), ct.device, done)
 
     @staticmethod
     def restore(swapped: Swapped) -> CompressedTensor:

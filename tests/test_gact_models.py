@@ -91,5 +91,6 @@ def test_both_models_save_activations_that_get_compressed():
             loss = nn.functional.cross_entropy(model(x), y)
             report = ctl.report()
             loss.backward()
-        assert sum(r.tid is not None for r in report.rows) >= 9
-        assert all(r.level == "2" for r in report.rows if r.tid is not None)
+        compressed = [r for r in report.rows if r.tid is not None and r.level != "32"]
+        assert len(compressed) >= 9 and all(r.level == "2" for r in compressed)
+        assert all(np.prod(r.shape) < 1024 for r in report.rows if r.level == "32")
