@@ -19,6 +19,8 @@ mix32 is the "lowbias32" integer finalizer (Wellons): xorshift-multiply rounds.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 MASK32 = 0xFFFFFFFF
@@ -62,11 +64,9 @@ def stream_key(seed: int, hi: int = 0) -> int:
     return mix32_int((seed & MASK32) ^ inner)
 
 
-def uniform(seed: int, index: torch.Tensor, index_bound: int) -> torch.Tensor:
-    """Uniform noise in (0, 1) as float32, one value per code index < index_bound (int64,
-    or int32 when index_bound <= 2**31)."""
-    pair = index >> 1
-    lo = (pair & MASK32).to(torch.int32) if pair.dtype == torch.int64 else pair
+def _pair_hash(seed: int, pair: torch.Tensor, index_bound: int) -> torch.Tensor:
+    """h(seed, p) as int32 for int64 pair indices p."""
+    lo = (pair & MASK32).to(torch.int32)
     if index_bound > 1 << 33:
         hi = pair >> 32
         key = torch.zeros_like(lo)
@@ -74,6 +74,30 @@ def uniform(seed: int, index: torch.Tensor, index_bound: int) -> torch.Tensor:
             key = torch.where(hi == h, _signed32(stream_key(seed, h)), key)
     else:
         key = _signed32(stream_key(seed))
-    h = mix32(lo ^ key)
-    half = torch.where((index & 1) == 0, (h >> 16) & 0xFFFF, h & 0xFFFF)
+    return mix32(lo ^ key)
+
+
+def _to_unit(half: torch.Tensor) -> torch.Tensor:
     return (half.to(torch.float32) + 0.5) * (2.0 ** -16)
+
+
+def uniform(seed: int, index: torch.Tensor, index_bound: int) -> torch.Tensor:
+    """Uniform noise in (0, 1) as float32, one value per code index < index_bound (int64,
+    or int32 when index_bound <= 2**31)."""
+    h = _pair_hash(seed, index.long() >> 1, index_bound)
+    half = torch.where((index & 1) == 0, (h >> 16) & 0xFFFF, h & 0xFFFF)
+    return _to_unit(half)
+
+
+def row_uniform(seed: int, starts: Sequence[int], width: int, index_bound: int,
+                device: "torch.device | str" = "cpu") -> torch.Tensor:
+    """uniform(seed, starts[:, None] + arange(width), index_bound) as (rows, width), hashing
+    each pair once (half the work of uniform on the same indices)."""
+    first = torch.tensor([start >> 1 for start in starts], device=device)
+    pairs = first.unsqueeze(1) + torch.arange(width // 2 + 2, device=device)
+    h = _pair_hash(seed, pairs, index_bound)
+    halves = torch.stack([(h >> 16) & 0xFFFF, h & 0xFFFF], -1).view(len(starts), -1)
+    if not any(start & 1 for start in starts):
+        return _to_unit(halves[:, :width])
+    shift = torch.tensor([start & 1 for start in starts], device=device)
+    return _to_unit(halves.gather(1, shift.unsqueeze(1) + torch.arange(width, device=device)))

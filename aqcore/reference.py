@@ -101,23 +101,24 @@ def quantize_groups(groups: torch.Tensor, meta: torch.Tensor, bits: int,
     """Stochastic rounding of (r, g, G) float32 values onto their group grid -> int32 codes."""
     zero_form, base, span, levels = (t.unsqueeze(-1) for t in _decode_params(meta, bits))
     levels_f = levels.to(torch.float32)
-    scale = levels_f / span
-    t = (groups - base) * scale
-    q = torch.floor(t + u)
+    # an empty span gets scale 0: every value lands on code 0 (u < 1), as the kernels do
+    scale = torch.where(span > 0, levels_f / span, 0.0)
+    q = torch.floor((groups - base) * scale + u)
     q = torch.minimum(torch.clamp_min(q, 0.0), levels_f)
-    q = torch.where(span > 0, q, 0.0)
     codes = q.to(torch.int32) + zero_form.to(torch.int32)
-    codes = torch.where(zero_form & (groups == 0), 0, codes)
-    return torch.where(torch.isnan(meta[..., :1]), 0, codes)
+    exact_zero = (zero_form & (groups == 0)) | torch.isnan(meta[..., :1])
+    return codes.masked_fill_(exact_zero, 0)
 
 
 def dequantize_groups(codes: torch.Tensor, meta: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of quantize_groups: (r, g, G) int codes -> float32 values."""
+    """Inverse of quantize_groups: (r, g, G) int codes -> float32 values, by a per-group
+    table of the 2**bits code values (the same float32 operations for every code)."""
     zero_form, base, span, levels = (t.unsqueeze(-1) for t in _decode_params(meta, bits))
     step = torch.where(levels > 0, span / levels.clamp_min(1).to(torch.float32), 0.0)
-    grid = (codes - zero_form.to(torch.int32)).to(torch.float32)
-    values = base + grid * step
-    return torch.where(zero_form & (codes == 0), 0.0, values)
+    code = torch.arange(1 << bits, device=codes.device, dtype=torch.int32)
+    grid = (code - zero_form.to(torch.int32)).to(torch.float32)
+    table = torch.where(zero_form & (code == 0), 0.0, base + grid * step)  # (r, g, 2**bits)
+    return table.gather(-1, codes.long())
 
 
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -169,9 +170,9 @@ def write_rows(rows: torch.Tensor, levels: Sequence[Level], seed: int, group_siz
         n_codes = codes_per_row(level, row_numel)
         groups = _pad_groups(values, group_size)
         group_m = group_meta(groups, level.bits)
-        index = _row_spans([r * row_numel for r in range(n_rows)], members,
-                           groups.shape[1] * group_size, rows.device)
-        u = noise.uniform(seed, index, n_rows * row_numel).view(groups.shape)
+        u = noise.row_uniform(seed, [r * row_numel for r in members],
+                              groups.shape[1] * group_size, n_rows * row_numel,
+                              rows.device).view(groups.shape)
         codes = quantize_groups(groups, group_m, level.bits, u).view(len(members), -1)
         codes[:, n_codes:] = 0
         packed = pack_codes(codes, level.bits)
