@@ -10,10 +10,18 @@
 Everything per model lives here (levels, sensitivities, seeds, iteration), so two
 controllers in one process do not interfere. Tensor ids are the save order of compressed
 tensors in a forward; a forward that saves something new gets the start level for it.
+
+Levels are re-allocated at iterations 0, 1, 2, 4, 8, ... (doubling) until adapt_interval,
+then every adapt_interval: sensitivities change fastest early in training, when the
+weights move most. A GradientGuard (aqcore/guard.py) watches every backward's gradients
+on the device; after a bad step (non-finite, or a jump far above the running norm: the
+guard zeroed its gradients, so the optimizer step did nothing) `iterate` re-measures the
+sensitivities and bars the lowest level in use, and says so once.
 """
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import replace
 from typing import Callable, Optional
@@ -26,6 +34,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 import aqcore
 from aqcore import Level
+from aqcore.guard import GradientGuard
 
 from . import settings
 from .autoprec import LevelPlan, allocate, rounding_seed
@@ -57,8 +66,12 @@ class Controller:
         self.shapes: list[tuple[int, ...]] = []
         self.sensitivity = np.zeros(0)
         self.extra_passes = 0
+        self.floor = 0.0  # levels whose codes take fewer bits per value are barred (guard)
+        self.guard_events: list[dict] = []
         cfg = self.config
+        self.guard = GradientGuard(self.module.parameters()) if cfg.compress and cfg.guard else None
         self.packer = Packer(cfg.min_numel, cfg.group_size, cfg.compress, cfg.swap)
+        self.packer.after_backward = None if self.guard is None else self.guard.check
         self.packer.plan = self._training_plan()
         self._hooks: Optional[torch.autograd.graph.saved_tensors_hooks] = None
 
@@ -90,15 +103,20 @@ class Controller:
     # ------------------------------------------------------------------ training loop
 
     def iterate(self, backprop: Optional[Callable[[], object]] = None) -> None:
-        """Call once per training step, after optimizer.step(). Every adapt_interval
-        iterations (the first right away) it re-allocates levels, running backprop()
-        for the sensitivity passes."""
+        """Call once per training step, after optimizer.step(). At iterations 0, 1, 2, 4, ...
+        and then every adapt_interval, and after a guard alarm, it re-allocates levels,
+        running backprop() for the sensitivity passes."""
         cfg = self.config
-        if cfg.compress and cfg.auto_prec and self.iteration % cfg.adapt_interval == 0:
+        alarm = self.guard is not None and self.guard.alarm()
+        if alarm:
+            self._raise_floor()
+        if cfg.compress and cfg.auto_prec and (alarm or self._adaptation_due()):
             if backprop is None:
                 raise ValueError("iterate(backprop) needs backprop (zero_grad + forward + "
                                  "backward) to measure sensitivities with auto precision")
             self.adapt(backprop)
+        if alarm:
+            self._tell_recovery()
         self.iteration += 1
         self.packer.new_pass()
         self.packer.plan = self._training_plan()
@@ -108,18 +126,19 @@ class Controller:
         """Measure sensitivities with backprop() and allocate levels (AutoPrecision)."""
         prober = Prober(self.model, self.module, backprop)
         ladder = settings.ladder(self.config)
+        watch, self.packer.after_backward = self.packer.after_backward, None
         try:
             with self._hooks_installed(), prober.frozen():
                 sensitivity, measurement, variance = ESTIMATORS[self.config.sensitivity](
                     self, prober, ladder)
         finally:
+            self.packer.after_backward = watch
             self.extra_passes = prober.passes
             self.packer.new_pass()
             self.packer.plan = self._training_plan()
         if not measurement.numels:
-            raise ValueError(
-                "nothing to compress: backprop() saved no floating tensor that requires grad "
-                f"with at least {self.config.min_numel} values (config.min_numel)")
+            raise ValueError("nothing to compress: backprop() saved no floating tensor "
+                             "that requires grad (an activation of 2 or more dims)")
         sensitivity, variance = _averaged_over_ranks(sensitivity, variance)
         usable = np.isfinite(measurement.errors)  # inf: a level the tensor may not take
         if not (np.isfinite(sensitivity).all() and np.isfinite(variance[usable]).all()):
@@ -128,8 +147,49 @@ class Controller:
             return
         self.sensitivity = sensitivity
         self.shapes = list(measurement.shapes)
-        self.levels = allocate(measurement.numels, variance, ladder, self.config.bit)
+        barred = np.array([self._below_floor(level) for level in ladder])
+        variance = np.where(barred, np.inf, variance)
+        cheapest = np.where(np.isfinite(variance), [l.bits_per_value for l in ladder], np.inf).min(1)
+        sizes = np.asarray(measurement.numels, dtype=np.float64)
+        bit = max(self.config.bit, float(sizes @ cheapest / sizes.sum()))
+        self.levels = allocate(measurement.numels, variance, ladder, bit)
         self.packer.plan = self._training_plan()
+
+    # ------------------------------------------------------------------ guard
+
+    def _adaptation_due(self) -> bool:
+        it, interval = self.iteration, self.config.adapt_interval
+        return it % interval == 0 or (it < interval and it & (it - 1) == 0)
+
+    def _below_floor(self, level: Level) -> bool:
+        return not level.is_raw and level.codes_level.bits_per_value < self.floor
+
+    def _in_use(self) -> list[Level]:
+        if self.config.auto_prec and self.levels:
+            return list(self.levels)
+        return [settings.start_level(self.config, zeros) for zeros in (False, True)]
+
+    def _raise_floor(self) -> None:
+        """Bar the lowest level in use: the floor rises to the next precision of the ladder."""
+        lowest = min((l.codes_level.bits_per_value for l in self._in_use() if not l.is_raw),
+                     default=32.0)
+        rungs = sorted({l.codes_level.bits_per_value for l in settings.ladder(self.config)} | {32.0})
+        self.floor = next((r for r in rungs if r > max(lowest, self.floor)), 32.0)
+
+    def _tell_recovery(self) -> None:
+        sizes = [math.prod(s) for s in self.shapes]
+        levels = self._in_use()
+        bits = (sum(n * l.bits_per_value for n, l in zip(sizes, levels)) / sum(sizes)
+                if self.config.auto_prec and self.levels else self.config.bit)
+        event = {"iteration": self.iteration, "floor": self.floor, "bits": bits}
+        self.guard_events.append(event)
+        floor = "every level (all tensors exact)" if self.floor >= 32 else \
+            f"levels under {self.floor:g} bits per stored value"
+        warnings.warn(
+            f"gact_aq: at step {self.iteration} the gradients became non-finite or jumped far "
+            f"above their running norm; that step's gradients were zeroed (the optimizer step "
+            f"changed nothing), the sensitivities re-measured and {floor} barred: about "
+            f"{bits:.2f} bits per value from now on", stacklevel=3)
 
     # ------------------------------------------------------------------ passes
 
@@ -155,11 +215,19 @@ class Controller:
 
     def _training_plan(self) -> Plan:
         cfg = self.config
-        starts = {zeros: settings.start_level(cfg, zeros) if cfg.compress else EXACT
+        starts = {zeros: self._lifted(settings.start_level(cfg, zeros)) if cfg.compress else EXACT
                   for zeros in (False, True)}
         levels = self.levels if cfg.auto_prec else []
         return LevelPlan(levels, self.shapes, starts.__getitem__,
                          lambda tid: self.seed_for(TRAINING_PASS, tid))
+
+    def _lifted(self, level: Level) -> Level:
+        """level, or the cheapest ladder level at the floor when it lies below."""
+        if not self._below_floor(level):
+            return level
+        usable = [l for l in (*settings.ladder(self.config), EXACT)
+                  if not self._below_floor(l) and l.zeros == level.zeros]
+        return min(usable, key=lambda l: l.bits_per_value)
 
     @contextlib.contextmanager
     def _hooks_installed(self):
@@ -180,6 +248,7 @@ class Controller:
             "levels": [level.name for level in self.levels],
             "shapes": [list(shape) for shape in self.shapes],
             "sensitivity": self.sensitivity.tolist(),
+            "floor": self.floor,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -191,6 +260,7 @@ class Controller:
         self.levels = levels
         self.shapes = [tuple(int(n) for n in shape) for shape in state["shapes"]]
         self.sensitivity = np.asarray(state["sensitivity"], dtype=np.float64)
+        self.floor = float(state.get("floor", 0.0))
         self.packer.new_pass()
         self.packer.plan = self._training_plan()
 

@@ -31,7 +31,7 @@ import abc
 
 import weakref
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
@@ -195,6 +195,8 @@ class Packer:
         self._backward_seen = False
         self._attention = attention.Rebuild()
         self._attention_seen = False
+        self.after_backward: Optional[Callable[[], None]] = None  # end of each backward
+        self._backward_task: Optional[int] = None
 
     def new_pass(self) -> None:
         """Restart tensor ids (a new forward)."""
@@ -230,11 +232,24 @@ class Packer:
 
     def unpack(self, packed):
         self._backward_seen = True
+        if self.after_backward is not None:
+            self._queue_after_backward()
         if self._attention_seen:
             node = torch._C._current_autograd_node()
             if node is not None and type(node).__name__ in attention.NODES:
                 return self._attention.unpack(node, packed, self._restore)
         return self._restore(packed)
+
+    def _queue_after_backward(self) -> None:
+        """Run after_backward once per backward pass, after every callback queued before it
+        has run (DDP's gradient reduction queues one), by queueing it from a callback."""
+        task = torch._C._current_graph_task_id()
+        if task == self._backward_task or task == -1:
+            return
+        self._backward_task = task
+        engine = torch.autograd.Variable._execution_engine
+        callback = self.after_backward
+        engine.queue_callback(lambda: engine.queue_callback(callback))
 
     def _restore(self, packed) -> torch.Tensor:
         if isinstance(packed, torch.Tensor):

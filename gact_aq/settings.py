@@ -31,7 +31,10 @@ class QuantizationConfig:
          without, the one fixed level of every tensor (1, 2, 4, 8, 16, 32, or aq_bit).
     aq_bit: the lowest Average Quantization level allowed (1, 0.5, 0.25; 0 = no AQ).
     auto_prec: choose a level per tensor from measured sensitivities (AutoPrecision).
-    adapt_interval: re-allocate every this many iterations (the first right after step 0).
+    adapt_interval: re-allocate every this many iterations, and before that at iterations
+         0, 1, 2, 4, 8, ... (sensitivities move most early in training).
+    guard: watch the gradients and recover from a bad step (controller.py, aqcore/guard.py);
+         turn off with fp16 and a GradScaler, whose overflowing steps are normal.
     group_size: values (AQ: averages) per quantization group.
     swap: move what is saved to (pinned) CPU memory until backward needs it.
     sensitivity: "propagate" (default: one extra pass plus local recomputation, whatever
@@ -48,6 +51,7 @@ class QuantizationConfig:
     swap: bool = False
     sensitivity: str = "propagate"
     min_numel: int = 1024
+    guard: bool = True
 
     def validate(self) -> "QuantizationConfig":
         if float(self.aq_bit) not in AQ_BITS:

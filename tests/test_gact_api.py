@@ -341,16 +341,27 @@ def _exact(backprop, model):
 
 
 def test_non_finite_activations_give_non_finite_gradients_where_exact_does():
+    """Without the guard (fp16 with a GradScaler, which must see overflowing steps) the
+    gradients are non-finite where exact training's are; with it (the default) the step's
+    gradients are zeroed, so the optimizer step changes nothing, and iterate() says so."""
     model, x, y = cnn_problem()
     x = x.clone()
     x[3, 0, 5, 5] = float("inf")
     backprop = backprop_fn(model, x, y)
     exact = [torch.isfinite(g).all().item() for g in _exact(backprop, model)]
     gact_aq.set_optimization_level("L1.2")
+    gact_aq.config.guard = False
     with Controller(model):
         backprop()
     assert [torch.isfinite(g).all().item() for g in grads(model)] == exact
     assert not all(exact)
+    gact_aq.set_optimization_level("L1.2")
+    with Controller(model) as ctl:
+        backprop()
+        assert all(torch.equal(g, torch.zeros_like(g)) for g in grads(model))
+        with pytest.warns(UserWarning, match="gradients were zeroed"):
+            ctl.iterate()
+    assert ctl.floor == 4 and ctl.guard_events[0]["iteration"] == 0
 
 
 def test_iterate_needs_backprop_and_something_to_compress():

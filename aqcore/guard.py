@@ -1,0 +1,87 @@
+"""A watch on the gradients of compressed training: device-side, no host sync per step.
+
+Compression changes only what backward reads, so when it goes wrong it shows in the
+gradients first: they become non-finite, or their norm jumps far above its own recent
+history (a backward error that grows layer by layer). `check()` runs after a backward:
+it computes the global gradient norm on the gradients' device and, when the step is bad,
+zeroes the gradients, so the optimizer step that follows changes nothing (no NaN reaches
+the weights) — all without reading anything back to the host. `alarm()` is the host's
+side: it reports a bad step once a non-blocking copy of the alarm count has landed, so the
+owner (a framework's controller) can re-measure and raise its levels.
+
+A step is bad when its norm is not finite, or when, after `warmup` good steps, it exceeds
+`factor` times the running typical norm (an exponential average of the log norm over good
+steps, so one outlier moves it little). Exact training's norms move by a few times over
+hundreds of steps, not by `factor` in one step.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+FACTOR = 10.0       # a jump this many times the typical norm is an explosion
+WARMUP = 20         # good steps before jumps count (the first steps' norms move fast)
+MOMENTUM = 0.9      # of the running log norm
+
+
+class GradientGuard:
+    """Watches the .grad of `parameters` (on one device) after each backward."""
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], factor: float = FACTOR,
+                 warmup: int = WARMUP) -> None:
+        self.parameters = [p for p in parameters if p.requires_grad]
+        self.factor = float(factor)
+        self.warmup = int(warmup)
+        self.steps = 0                          # checks made (host count)
+        self._state: torch.Tensor | None = None  # (log typical norm, good steps, alarms)
+        self._host: torch.Tensor | None = None
+        self._copied: "torch.cuda.Event | None" = None
+        self._seen = 0
+
+    def check(self) -> None:
+        """After a backward: zero the gradients of a bad step (device ops only)."""
+        grads = [p.grad for p in self.parameters if p.grad is not None]
+        if not grads:
+            return
+        device = grads[0].device
+        if self._state is None:
+            self._state = torch.zeros(3, device=device)
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
+        log_norm = torch.log(norm)
+        typical, good, alarms = self._state.unbind()
+        jumped = (good >= self.warmup) & (log_norm > typical + math.log(self.factor))
+        bad = ~torch.isfinite(norm) | jumped
+        first = good == 0
+        updated = torch.where(first, log_norm, MOMENTUM * typical + (1 - MOMENTUM) * log_norm)
+        self._state = torch.stack([torch.where(bad, typical, updated),
+                                   good + (~bad).float(), alarms + bad.float()])
+        for g in grads:
+            g.masked_fill_(bad, 0)
+        self.steps += 1
+        self._publish()
+
+    def _publish(self) -> None:
+        """Start the copy of the alarm count to the host (non-blocking on CUDA)."""
+        if self._state.device.type != "cuda":
+            self._host = self._state[2:]
+            return
+        if self._host is None or self._host.device.type != "cpu" or not self._host.is_pinned():
+            self._host = torch.empty(1, pin_memory=True)
+            self._copied = torch.cuda.Event()
+        self._host.copy_(self._state[2:], non_blocking=True)
+        self._copied.record()
+
+    def alarm(self) -> bool:
+        """Whether a bad step happened since the last alarm (False while the count is
+        still on its way to the host: it is looked at again on the next call)."""
+        if self._host is None or (self._copied is not None and not self._copied.query()):
+            return False
+        count = int(self._host.item())
+        fired, self._seen = count > self._seen, count
+        return fired
+
+    def typical_norm(self) -> float:
+        """The running typical gradient norm (reads the device: for reports, not the loop)."""
+        return math.exp(self._state[0].item()) if self._state is not None else math.nan
