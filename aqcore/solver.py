@@ -120,8 +120,19 @@ def published_errors(level_bits, aq_levels_mask) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- validation
 
+def _numbers(name: str, x, shape: str) -> np.ndarray:
+    """x as float64; a TypeError naming what allocate_bits takes where it is not numbers."""
+    try:
+        if isinstance(x, (str, bytes)) or x is None:  # numpy would read them as a value
+            raise TypeError(f"{type(x).__name__} is not an array")
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"allocate_bits takes {name} as {shape} of numbers (a list, numpy array "
+                        f"or CPU tensor), got {type(x).__name__} ({error})") from None
+
+
 def _vector(name: str, x) -> np.ndarray:
-    v = np.asarray(x, dtype=np.float64)
+    v = _numbers(name, x, "a 1-D array-like")
     if v.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {v.shape}")
     return v
@@ -146,7 +157,7 @@ def _validate(sizes, sensitivity, errors, level_bits, budget) -> _Instance:
     w = _vector("sizes", sizes)
     c = _vector("sensitivity", sensitivity)
     bits = _vector("level_bits", level_bits)
-    e = np.asarray(errors, dtype=np.float64)
+    e = _numbers("errors", errors, "a (units, levels) array-like")
     n, n_levels = len(w), len(bits)
     if n_levels == 0:
         raise ValueError("level_bits is empty; pass at least one level")
@@ -161,7 +172,11 @@ def _validate(sizes, sensitivity, errors, level_bits, budget) -> _Instance:
     _require("sensitivity", ~np.isnan(c), "free of NaN (GACT uses 1e10, ALGORITHMS.md C.6)")
     _require("sensitivity", np.isfinite(c) & (c >= 0), "finite and >= 0")
     _require("errors", ~(e < 0), ">= 0 (use inf or nan to forbid a level)")
-    budget = float(budget)
+    try:  # numbers, numpy and one-value tensors; never text
+        budget = float(budget if not isinstance(budget, (str, bytes)) else None)
+    except (TypeError, ValueError):
+        raise TypeError(f"allocate_bits takes budget as a number of bits, got "
+                        f"{type(budget).__name__} {budget!r}") from None
     if math.isnan(budget):
         raise ValueError("budget is NaN; pass the number of payload bits allowed")
     e = np.ascontiguousarray(e.T)

@@ -340,6 +340,21 @@ def test_bad_input_raises(args, match):
         allocate_bits(*args)
 
 
+@pytest.mark.parametrize("args, named", [
+    (("12", [1], [[0, 1]], [8, 1], 8), "sizes as a 1-D array-like of numbers"),
+    (([1], None, [[0, 1]], [8, 1], 8), "sensitivity as a 1-D array-like"),
+    (([1], [1], {"a": 1}, [8, 1], 8), r"errors as a \(units, levels\) array-like"),
+    (([1], [1], [[0, 1]], ["a", "b"], 8), "level_bits"),
+    (([1], [1], [[0, 1]], [8, 1], "8"), "budget as a number of bits"),
+    (([1], [1], [[0, 1]], [8, 1], None), "budget as a number of bits"),
+])
+def test_wrong_types_raise_a_type_error_naming_what_is_taken(args, named):
+    with pytest.raises(TypeError, match=named):
+        allocate_bits(*args)
+    assert allocate_bits([1], [1], torch.tensor([[0.0, 1.0]]), np.array([8, 1]),
+                         torch.tensor(8.0)).tolist() == [0]  # tensors and arrays are fine
+
+
 def test_unknown_method_lists_the_valid_ones():
     with pytest.raises(ValueError, match="valid: exact, greedy, lp"):
         allocate_bits([1], [1], [[0, 1]], [8, 1], 8, method="dp")
