@@ -1,4 +1,4 @@
-"""Per-sample and per-layer precision (ALGORITHMS.md B.6-B.8 with AQ, D.3-D.4).
+"""Per-sample and per-layer precision with AQ (docs/frameworks.md, "actnn_aq: layer replacement").
 
 A Controller belongs to one converted model and owns everything the schemes learn: one
 LayerScheme per compressing layer (gradient statistics, its share of the bit budget), the
@@ -7,8 +7,8 @@ models, or a teacher beside a student, never see each other's state.
 
 The objective is ActNN's with a data-driven error model: a layer's compression adds
 sum_n C_n * e_n(level_n) to the gradient variance, e_n the expected squared error of
-sample n at a level (aqcore.level_errors, DESIGN.md section 5), C_n its sensitivity
-(sensitivity.py; S_n = ||g_n||^2 of the layer's output gradient, ALGORITHMS.md B.6).
+sample n at a level (aqcore.level_errors, docs/errors.md), C_n its sensitivity
+(sensitivity.py; S_n = ||g_n||^2 of the layer's output gradient).
 
 - Forward, per layer: the per-sample levels minimising sum_n C_n e_n(l_n) within the
   layer's bits (ladder 8, 4, 2, 1, then AQ down to aq_bit), chosen on the activation's
@@ -152,7 +152,7 @@ class LayerScheme:
                 self._remember(obs.indices, obs.grad_sq)
 
     def _remember(self, indices: torch.Tensor, grad_sq: torch.Tensor) -> None:
-        """S[idx] <- 0.5 S[idx] + 0.5 ||g||^2, a first sighting taken as is (ALGORITHMS.md B.6).
+        """S[idx] <- 0.5 S[idx] + 0.5 ||g||^2, a first sighting taken as is.
         indices: CPU (sizes the memory without a sync)."""
         size = int(indices.max()) + 1
         held = 0 if self.sample_grad is None else len(self.sample_grad)
@@ -256,8 +256,8 @@ class Controller:
 
     def reallocate(self, observations: list[Observation]) -> None:
         """One joint allocation over all (layer, sample) units of this backward at the
-        target bits; each layer's share = the bytes per sample it got (ALGORITHMS.md B.8,
-        with AQ priced by its real bytes and error instead of D.4's 1-bit pricing). On the
+        target bits; each layer's share = the bytes per sample it got (AQ priced by its real
+        bytes and error, not like 1-bit rounding as published: docs/frameworks.md). On the
         device; the shares travel to the host without blocking (budget_of picks them up)."""
         device = observations[0].errors.device
         group_size, ladder = self.config.group_size, self.ladder

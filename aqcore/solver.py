@@ -1,6 +1,6 @@
 """Bit allocation: one precision level per unit, least total error under a bit budget.
 
-DESIGN.md section 5. Units i (tensors, or samples of a tensor) have sizes w_i (values), a
+docs/solver.md. Units i (tensors, or samples of a tensor) have sizes w_i (values), a
 sensitivity C_i and per-level error estimates e[i, l] (inf or nan: level not allowed). Level
 l costs bits[l] payload bits per value. Minimise sum_i C_i e[i, l_i] subject to
 sum_i w_i bits[l_i] <= budget: a multiple-choice knapsack.
@@ -100,7 +100,7 @@ def published_errors(level_bits, aq_levels_mask) -> np.ndarray:
     allocate_bits with errors = np.outer(np.ones(n), published_errors(...)).
 
     0 at >= 32 bits (stored exactly), 1/(2^b - 1)^2 for b-bit rounding, and the 1-bit
-    coefficient 1 for every AQ level whatever its bits (ALGORITHMS.md C.6 / D.4).
+    coefficient 1 for every AQ level whatever its bits (docs/solver.md).
     """
     bits = _vector("level_bits", level_bits)
     aq = np.asarray(aq_levels_mask, dtype=bool)
@@ -169,7 +169,7 @@ def _validate(sizes, sensitivity, errors, level_bits, budget) -> _Instance:
         raise ValueError(f"errors has shape {e.shape}; expected (units, levels) = {(n, n_levels)}")
     _require("sizes", np.isfinite(w) & (w >= 0), "finite and >= 0")
     _require("level_bits", np.isfinite(bits) & (bits >= 0), "finite and >= 0")
-    _require("sensitivity", ~np.isnan(c), "free of NaN (GACT uses 1e10, ALGORITHMS.md C.6)")
+    _require("sensitivity", ~np.isnan(c), "free of NaN (the GACT probe uses 1e10 for NaN)")
     _require("sensitivity", np.isfinite(c) & (c >= 0), "finite and >= 0")
     _require("errors", ~(e < 0), ">= 0 (use inf or nan to forbid a level)")
     try:  # numbers, numpy and one-value tensors; never text
@@ -243,7 +243,7 @@ def _lowest_error_levels(inst: _Instance) -> np.ndarray:
 # ----------------------------------------------------------------------------- greedy
 
 def _greedy(inst: _Instance) -> np.ndarray:
-    """The published heap allocator (ALGORITHMS.md B.7, C.6, D.4), vectorised.
+    """The published heap allocator (docs/solver.md), vectorised.
 
     A unit's ladder is its allowed levels by decreasing bits; of levels with equal bits only
     the lowest-error one is a rung, as stepping between them saves nothing. All units start

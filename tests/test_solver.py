@@ -1,4 +1,4 @@
-"""Tests for the bit-allocation solver (aqcore/solver.py, DESIGN.md section 5)."""
+"""Tests for the bit-allocation solver (aqcore/solver.py, docs/solver.md)."""
 import heapq
 import itertools
 import time
@@ -84,7 +84,7 @@ def milp_optimum(sizes, sens, errors, bits, budget):
 
 
 def heap_greedy(sizes, sens, errors, bits, budget):
-    """The published heap loop, written literally (ALGORITHMS.md B.7, C.6, D.4): ladders of
+    """The published heap loop, written literally (docs/solver.md, "greedy"): ladders of
     allowed levels by decreasing bits (lowest error among equal bits), start at the top,
     max-heap on C (e_cur - e_next) / (w (b_cur - b_next)), ties to the larger unit."""
     errors = np.where(np.isnan(errors), np.inf, errors)
