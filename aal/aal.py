@@ -1,4 +1,4 @@
-"""Auxiliary activation learning (ALGORITHMS.md section E).
+"""Auxiliary activation learning (docs/aal.md).
 
 ARA (auxiliary residual activation): inside a residual segment a block's input is close
 to the segment's first activation plus the residual branches added since, so a
@@ -25,7 +25,7 @@ import aqcore
 
 def learning_indicator(auxiliary: torch.Tensor, actual: torch.Tensor) -> torch.Tensor:
     """Per sample sum a(2x - a) / (sum x^2 + 1e-6): 1 when the auxiliary activation a equals
-    the actual x, lower as it drifts (ALGORITHMS.md E.2)."""
+    the actual x, lower as it drifts (docs/aal.md, "The learning indicator")."""
     a, x = auxiliary.flatten(1).float(), actual.flatten(1).float()
     return (a * (2 * x - a)).sum(1) / (x.square().sum(1) + 1e-6)
 

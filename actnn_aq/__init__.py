@@ -4,7 +4,7 @@
     actnn_aq.set_optimization_level("L3", bit=1.25, aq_bit=0.5)
     model = actnn_aq.QModule(model)
 
-DESIGN.md section 3; ALGORITHMS.md sections B and D describe what the original did.
+How it works and where it differs from ActNN and ActNN-AQ: docs/frameworks.md.
 """
 from .settings import LEVELS, QuantizationConfig, config, set_optimization_level
 from .dataloader import DataLoader

@@ -56,7 +56,8 @@ EXACT = Plan()
 
 def seed_for(*keys: int) -> int:
     """A 63-bit rounding seed from integer keys (iteration, layer, rank): a hash, so nearby
-    keys give unrelated noise (the published GACT reused seeds across tensors, ALGORITHMS.md A.6)."""
+    keys give unrelated noise (the published GACT reused seeds across tensors,
+    docs/frameworks.md)."""
     digest = hashlib.blake2b(struct.pack(f"<{len(keys)}q", *keys), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
 

@@ -1,4 +1,4 @@
-"""Per-sample and per-layer precision (ALGORITHMS.md B.6-B.8 with AQ, D.3-D.4).
+"""Per-sample and per-layer precision with AQ (docs/frameworks.md, "actnn_aq: layer replacement").
 
 A Controller belongs to one converted model and owns everything the schemes learn: one
 LayerScheme per compressing layer (gradient statistics, its share of the bit budget), the
@@ -7,8 +7,8 @@ models, or a teacher beside a student, never see each other's state.
 
 The objective is ActNN's with a data-driven error model: a layer's compression adds
 sum_n C_n * e_n(level_n) to the gradient variance, e_n the expected squared error of
-sample n at a level (aqcore.level_errors, DESIGN.md section 5), C_n its sensitivity
-(sensitivity.py; S_n = ||g_n||^2 of the layer's output gradient, ALGORITHMS.md B.6).
+sample n at a level (aqcore.level_errors, docs/errors.md), C_n its sensitivity
+(sensitivity.py; S_n = ||g_n||^2 of the layer's output gradient).
 
 - Forward, per layer: the per-sample levels minimising sum_n C_n e_n(l_n) within the
   layer's bits (ladder 8, 4, 2, 1, then AQ down to aq_bit), chosen on the activation's
@@ -24,6 +24,7 @@ to bytes per sample by aqcore.format.row_budget.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -85,7 +86,8 @@ class LayerScheme:
         self.index = index
         self.name = name
         self.calls = 0
-        self.share: tuple[int, int] | None = None  # (bytes per sample, sample size); None: target
+        # (bytes per sample, sample size, code bits per value); None: the target
+        self.share: tuple[int, int, float] | None = None
         self.grad_scale: torch.Tensor | None = None  # mean ||g_n||^2 of the last backward
         self.sample_grad: torch.Tensor | None = None  # use_gradient memory, NaN = unseen
         self.observed: list[Observation] = []
@@ -150,7 +152,7 @@ class LayerScheme:
                 self._remember(obs.indices, obs.grad_sq)
 
     def _remember(self, indices: torch.Tensor, grad_sq: torch.Tensor) -> None:
-        """S[idx] <- 0.5 S[idx] + 0.5 ||g||^2, a first sighting taken as is (ALGORITHMS.md B.6).
+        """S[idx] <- 0.5 S[idx] + 0.5 ||g||^2, a first sighting taken as is.
         indices: CPU (sizes the memory without a sync)."""
         size = int(indices.max()) + 1
         held = 0 if self.sample_grad is None else len(self.sample_grad)
@@ -200,8 +202,8 @@ class Controller:
             if not wait:
                 return
             done.synchronize()
-        for (scheme, numel), share in zip(schemes, shares.tolist()):
-            scheme.share = (int(share), numel)
+        for (scheme, numel), (share, codes) in zip(schemes, shares.tolist()):
+            scheme.share = (int(share), numel, codes)
         self._shares = None
 
     def add_layer(self, name: str) -> LayerScheme:
@@ -254,8 +256,8 @@ class Controller:
 
     def reallocate(self, observations: list[Observation]) -> None:
         """One joint allocation over all (layer, sample) units of this backward at the
-        target bits; each layer's share = the bytes per sample it got (ALGORITHMS.md B.8,
-        with AQ priced by its real bytes and error instead of D.4's 1-bit pricing). On the
+        target bits; each layer's share = the bytes per sample it got (AQ priced by its real
+        bytes and error, not like 1-bit rounding as published: docs/frameworks.md). On the
         device; the shares travel to the host without blocking (budget_of picks them up)."""
         device = observations[0].errors.device
         group_size, ladder = self.config.group_size, self.ladder
@@ -269,13 +271,19 @@ class Controller:
         costs = _to_device(torch.tensor(slots).repeat_interleave(per_row, 0), device)
         sens = torch.cat([o.scheme.sensitivity(o) for o in observations])
         weighted = sens.unsqueeze(1) * torch.cat([o.errors for o in observations]).float()
-        spent = costs.gather(1, aqcore.allocate_rows(weighted, costs, budget).unsqueeze(1)).squeeze(1)
+        choice = aqcore.allocate_rows(weighted, costs, budget)
+        spent = costs.gather(1, choice.unsqueeze(1)).squeeze(1)
+        code_bits = _to_device(torch.tensor([l.bits_per_value for l in ladder], dtype=torch.float64),
+                               device)[choice]
         layers = list(dict.fromkeys((o.scheme, o.sample_numel) for o in observations))
         owner = torch.tensor([layers.index((o.scheme, o.sample_numel)) for o in observations])
         layer_rows = torch.zeros(len(layers), dtype=torch.float64).index_add_(0, owner, per_row.double())
         layer_bytes = torch.zeros(len(layers), dtype=torch.float64, device=device)
-        layer_bytes.index_add_(0, _to_device(owner.repeat_interleave(per_row), device), spent.double())
-        shares = (layer_bytes / _to_device(layer_rows, device)).floor()
+        row_owner = _to_device(owner.repeat_interleave(per_row), device)
+        layer_bytes.index_add_(0, row_owner, spent.double())
+        layer_codes = torch.zeros_like(layer_bytes).index_add_(0, row_owner, code_bits)
+        layer_rows = _to_device(layer_rows, device)
+        shares = torch.stack([(layer_bytes / layer_rows).floor(), layer_codes / layer_rows], 1)
         if device.type == "cuda":
             host = torch.empty(shares.shape, dtype=shares.dtype, pin_memory=True)
             host.copy_(shares, non_blocking=True)
@@ -286,11 +294,41 @@ class Controller:
             self._shares = (layers, shares, None)
         self._receive(wait=False)
 
-    def state(self) -> dict[str, float | None]:
-        """Each layer's share in bits per value, metadata and padding included (None: the
-        config's target), by layer name."""
+    def state(self) -> dict[str, LayerBits | None]:
+        """Each layer's share from the last re-allocation, by layer name: the bits per value
+        of its codes and the bits it holds (LayerBits); None before one (the config's target)."""
         self._receive(wait=True)
-        return {s.name: None if s.share is None else 8 * s.share[0] / s.share[1] for s in self.layers}
+        return {s.name: None if s.share is None else LayerBits(s.share[2], 8 * s.share[0] / s.share[1],
+                                                               s.share[1])
+                for s in self.layers}
+
+
+@dataclass(frozen=True)
+class LayerBits:
+    """A layer's share of the budget, per value of its samples.
+
+    bits: the chosen levels' own bits (8, 4, 2, 1; AQ 1, 0.5, 0.25), what the target `bit`
+        counts, averaged over the layer's samples.
+    held: the bytes held per sample, in bits per value: the codes, each group's (m0, m1)
+        metadata, the last group's padding and the 16-byte alignment of a sample's slot.
+        Small samples pay mostly padding (one 2-bit group holds 256 codes: a sample of 64
+        values takes 80 bytes, 10 bits per value); budgets count these bytes, so the solver
+        may give small layers more code bits than the target where they cost nothing extra.
+    values: values per sample.
+    """
+
+    bits: float
+    held: float
+    values: int
+
+    @property
+    def overhead(self) -> float:
+        """Bits per value held beyond the codes: metadata, padding, alignment."""
+        return self.held - self.bits
+
+    def __str__(self) -> str:
+        return (f"{self.bits:.3g} bits per value in codes, {self.held:.3g} held "
+                f"(+{self.overhead:.3g} metadata and padding of {self.values}-value samples)")
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:

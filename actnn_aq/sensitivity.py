@@ -1,7 +1,8 @@
 """How much gradient variance one unit of squared input error costs, by layer kind.
 
-First order, errors spread evenly over a sample's values (what ActNN assumes, ALGORITHMS.md
-B.6). A layer whose input carries an error of energy e_n (sample n) adds
+First order, errors spread evenly over a sample's values (what ActNN assumes;
+docs/frameworks.md, "Sensitivity"). A layer whose input carries an error of energy e_n
+(sample n) adds
 
     C_n * e_n,   C_n = coef * ||g_n||^2  +  propagated_n
 

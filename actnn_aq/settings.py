@@ -1,6 +1,6 @@
 """Optimization levels and the configuration in force.
 
-Levels are data (DESIGN.md section 8): LEVELS maps a level name to the fields it sets,
+Levels are data: LEVELS maps a level name to the fields it sets,
 and set_optimization_level builds a fresh QuantizationConfig from the defaults, that row
 and the bit / aq_bit overrides. Nothing carries over from an earlier call.
 
@@ -26,8 +26,8 @@ class QuantizationConfig:
     compress: quantize saved activations (False: keep them exact; masks/indices still compact).
     bit: target average bits per value (adaptive) or the one fixed level (1, 2, 4, 8).
     aq_bit: 0 (no AQ), or the lowest AQ level the allocator may use (1, 0.5, 0.25).
-    adaptive: per-sample levels chosen by the solver (ALGORITHMS.md B.7); False: one level.
-    per_layer: after each backward, re-split the budget across layers (ALGORITHMS.md B.8).
+    adaptive: per-sample levels chosen by the solver (docs/frameworks.md); False: one level.
+    per_layer: every 10th backward, re-split the budget across layers (docs/frameworks.md).
     convert_bn: convert BatchNorm layers (L1 keeps them stock).
     swap: move what is saved to CPU memory until backward (L4, L5, swap).
     expandable_segments: switch the CUDA caching allocator to expandable segments (L5).
@@ -82,7 +82,7 @@ class QuantizationConfig:
 _FIXED = dict(adaptive=False, per_layer=False)
 _OFF = dict(compress=False, **_FIXED)
 
-# ALGORITHMS.md B.2 (ActNN) and D.5 (the AQ release). The release's levels also emptied the
+# ActNN's levels and the AQ release's (docs/frameworks.md). The release's levels also emptied the
 # CUDA cache in the middle of its split/concat copies ("remove_cache"); our one-buffer
 # mixed-row format makes no such copies, so L3_ is L3. L3.1's cuDNN/cache/pipeline knobs
 # tuned the same fragmentation and are not carried over either: L3.1 is L3.
@@ -97,7 +97,7 @@ LEVELS: dict[str, dict] = {
     "swap": dict(swap=True, **_OFF),
     "L3_": {},
     # The release's 'L3-aq1.0-1.5b' and 'L3-aq1.0-1.25b', extended to the published grid
-    # of target bits x AQ precision (ALGORITHMS.md D.8).
+    # of target bits x AQ precision.
     **{f"L3-aq{aq}-{bits:g}b": dict(bit=bits, aq_bit=aq) for aq in AQ_BITS for bits in (2, 1.5, 1.25, 1)},
 }
 

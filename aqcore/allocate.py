@@ -75,6 +75,10 @@ def reference_allocate_rows(weighted: torch.Tensor, costs: torch.Tensor, budget:
 
 def _check(weighted: torch.Tensor, costs: torch.Tensor | None = None) -> None:
     """Shapes and dtypes (values are the caller's: checking them would sync)."""
+    if not isinstance(weighted, torch.Tensor) or not isinstance(costs, (torch.Tensor, type(None))):
+        raise TypeError(f"allocate_rows takes torch tensors: weighted errors (rows, levels) "
+                        f"float32 and costs int64, got {type(weighted).__name__} and "
+                        f"{type(costs).__name__}")
     if weighted.dim() != 2 or weighted.dtype != torch.float32:
         raise ValueError(f"weighted errors must be a (rows, levels) float32 tensor, got "
                          f"{tuple(weighted.shape)} {weighted.dtype}")

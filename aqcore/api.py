@@ -1,6 +1,8 @@
 """compress / decompress: the public entry points, dispatching to kernel or reference."""
 from __future__ import annotations
 
+import numbers
+import operator
 from typing import Sequence
 
 import torch
@@ -17,6 +19,25 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_GROUP_SIZE = 256
 
 LevelSpec = "Level | str | int | float"
+
+
+def _need_tensor(function: str, name: str, value, optional: bool = False) -> None:
+    """A TypeError naming what `function` takes, where `value` is not a tensor (lists and
+    arrays would otherwise fail later with an AttributeError)."""
+    if isinstance(value, torch.Tensor) or (optional and value is None):
+        return
+    raise TypeError(f"aqcore.{function} takes a torch.Tensor as {name}"
+                    f"{' (or None)' if optional else ''}, got {type(value).__name__}; "
+                    "torch.as_tensor converts lists and arrays")
+
+
+def _seed(function: str, seed) -> int:
+    """seed as a 64-bit unsigned int; TypeError for anything but an integer."""
+    try:
+        return operator.index(seed) & ((1 << 64) - 1)
+    except TypeError:
+        raise TypeError(f"aqcore.{function} takes an integer seed, got "
+                        f"{type(seed).__name__} {seed!r}") from None
 
 
 def _backend(device: torch.device):
@@ -48,6 +69,9 @@ def _memory_order(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, tuple[int, 
 def sample_rows(x: torch.Tensor) -> torch.Tensor:
     """x as (x.shape[0], F) rows in memory order, exactly as compress_allocated (and a
     per-row level list) groups it: price levels on these rows (level_errors)."""
+    _need_tensor("sample_rows", "x", x)
+    if x.dim() == 0:
+        raise ValueError("sample_rows needs a tensor with a dim 0 of rows, got a scalar")
     return _memory_order(x, x.shape[0])[0].view(x.shape[0], -1)
 
 
@@ -55,6 +79,13 @@ def level_errors(rows: torch.Tensor, group_size: int = DEFAULT_GROUP_SIZE,
                  levels: Sequence[Level] = ERROR_LEVELS) -> torch.Tensor:
     """(R, F) values -> (R, len(levels)) float32 expected squared error per row and level
     (errors.py's model). On CUDA with group_size 256, from one fused kernel pass."""
+    _need_tensor("level_errors", "rows", rows)
+    if rows.dim() != 2:
+        raise ValueError(f"level_errors takes (rows, values) 2-D rows, got shape "
+                         f"{tuple(rows.shape)}; x.reshape(1, -1) is one row, "
+                         "aqcore.sample_rows(x) one row per sample")
+    if not rows.is_floating_point():
+        raise TypeError(f"level_errors takes floating rows, got {rows.dtype}")
     levels = tuple(levels)
     if (rows.is_cuda and group_size == DEFAULT_GROUP_SIZE and rows.dtype in FLOAT_DTYPES
             and rows.dim() == 2 and rows.numel() > 0
@@ -97,6 +128,7 @@ def _raw(x: torch.Tensor, level: Level | None, seed: int, group_size: int) -> Co
 def pack_mask(mask: torch.Tensor) -> CompressedTensor:
     """Pack a 0/1 tensor (bool, or uint8 dropout masks) at one bit per value, losslessly
     for 0/1 data (any nonzero byte reads back as 1)."""
+    _need_tensor("pack_mask", "mask", mask)
     if mask.dtype not in (torch.bool, torch.uint8):
         raise TypeError(f"pack_mask takes bool or uint8 0/1 tensors, not {mask.dtype}")
     flat = mask.contiguous()
@@ -130,9 +162,10 @@ def compress(x: torch.Tensor, level: "LevelSpec | Sequence[LevelSpec]", seed: in
     bit-allocation solver prices levels with, or None for tensors that are not floating.
     On CUDA with group_size 256 they come from the compression pass itself.
     """
+    _need_tensor("compress", "x", x)
     _check_group_size(group_size)
     levels = _parse_levels(level, x)
-    seed = int(seed) & ((1 << 64) - 1)
+    seed = _seed("compress", seed)
     if x.layout != torch.strided or x.dtype not in FLOAT_DTYPES:
         if x.layout == torch.strided and x.dtype == torch.bool:
             ct = pack_mask(x)
@@ -162,6 +195,9 @@ def compress(x: torch.Tensor, level: "LevelSpec | Sequence[LevelSpec]", seed: in
 
 
 def _ladder(ladder: Sequence[LevelSpec]) -> tuple[Level, ...]:
+    if isinstance(ladder, (str, bytes, Level)) or not isinstance(ladder, Sequence):
+        raise TypeError(f"aqcore.compress_allocated takes a ladder: a list of levels from the "
+                        f"most to the least bits per value, e.g. ['8', '4', '2'], got {ladder!r}")
     levels = tuple(parse_level(l) for l in ladder)
     if not 1 <= len(levels) <= 8 or any(l.is_raw or l.zeros for l in levels):
         raise ValueError(f"a ladder holds 1 to 8 per-row levels (no raw or zero-keeping ones), "
@@ -187,6 +223,13 @@ def compress_allocated(x: torch.Tensor, ladder: Sequence[LevelSpec], weights: to
     products count as 0). The result holds exactly the budget (format.py's allocated
     layout). Returns (CompressedTensor, errors).
     """
+    _need_tensor("compress_allocated", "x", x)
+    _need_tensor("compress_allocated", "weights", weights)
+    _need_tensor("compress_allocated", "errors", errors, optional=True)
+    if not isinstance(bits, numbers.Real) or not (budget is None or isinstance(budget, numbers.Integral)):
+        raise TypeError(f"aqcore.compress_allocated takes bits per value as a number and budget "
+                        f"as an integer number of bytes or None, got bits={bits!r}, budget={budget!r}")
+    seed = _seed("compress_allocated", seed)
     _check_group_size(group_size)
     levels = _ladder(ladder)
     if x.layout != torch.strided or x.dtype not in FLOAT_DTYPES or x.dim() == 0 or x.numel() == 0:
@@ -208,9 +251,9 @@ def compress_allocated(x: torch.Tensor, ladder: Sequence[LevelSpec], weights: to
     _, table = allocate_layout(weighted, budget, [QUANTIZED_LEVELS.index(l) for l in levels],
                                totals, [codes for codes, _ in slots])
     payload = torch.zeros(aligned(budget), dtype=torch.uint8, device=x.device)
-    _backend(x.device).compress_table(rows, table, payload, int(seed) & ((1 << 64) - 1), group_size)
+    _backend(x.device).compress_table(rows, table, payload, seed, group_size)
     ct = CompressedTensor(KIND_CODES, payload, payload.new_empty(0), x.shape, x.dtype, levels,
-                          int(seed) & ((1 << 64) - 1), group_size, perm, table)
+                          seed, group_size, perm, table)
     return ct, errors
 
 
@@ -227,6 +270,10 @@ def decompress(ct: CompressedTensor, out: torch.Tensor | None = None) -> torch.T
 
     out: an optional contiguous buffer of the original shape and dtype to write into.
     """
+    if not isinstance(ct, CompressedTensor):
+        raise TypeError(f"aqcore.decompress takes the CompressedTensor that aqcore.compress "
+                        f"returned, got {type(ct).__name__}")
+    _need_tensor("decompress", "out", out, optional=True)
     if ct.kind == KIND_RAW:
         result = ct.payload if ct.payload.dtype == ct.dtype else ct.payload.to(ct.dtype)
         return out.copy_(result) if out is not None else result

@@ -1,4 +1,4 @@
-"""The error model the bit-allocation solver prices levels with (DESIGN.md section 5).
+"""The error model the bit-allocation solver prices levels with (docs/errors.md).
 
 For each row of a tensor and each quantized level, the expected squared error
 sum (x_hat - x)^2 that storing the row at that level adds:

@@ -22,8 +22,9 @@ Zero-keeping AQ levels (aq1z, aq0.5z, aq0.25z; whole tensors only): payload and 
 those of the AQ level for the tensor whose zeros are replaced by the mean of the nonzeros
 of their run (reference.fill_zeros), and `mask` (uint8) holds one bit per value, 1 for a
 nonzero, value i at bit i % 8 of byte i // 8, in memory order. Decompression decodes the
-AQ level and sets the masked-out values to exactly 0. m0/m1 are the group's range rounded outward to
-bfloat16, so the grid always covers the group (ALGORITHMS.md A.7 is the bias we avoid).
+AQ level and sets the masked-out values to exactly 0. m0/m1 are the group's range rounded
+outward to bfloat16, so the grid always covers the group (plain rounding can bias a whole
+group). docs/format.md has the bytes in full.
 
 Allocated layout (api.compress_allocated: levels chosen on the device, unknown to the
 host): one payload buffer of a fixed capacity, no separate meta. Rows lie in slots sorted

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-AQ_BITS = 2  # AQ stores its averages with the ordinary 2-bit quantizer (ALGORITHMS.md D.1)
+AQ_BITS = 2  # AQ stores its averages with the ordinary 2-bit quantizer (docs/levels.md)
 
 
 @dataclass(frozen=True)

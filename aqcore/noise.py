@@ -2,7 +2,7 @@
 
 The uniform noise of stochastic rounding is a hash of (seed, code index), not the state
 of a generator, so the CUDA kernels and this reference produce the same bytes and a
-compressed tensor can be checked or decompressed anywhere (DESIGN.md section 2).
+compressed tensor can be checked or decompressed anywhere (docs/format.md).
 
 One 32-bit hash serves the two codes of a pair (index i and its neighbour i ^ 1), 16 bits
 each: the hash is the costliest part of compressing a code, and 16 bits of noise are far

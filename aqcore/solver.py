@@ -1,6 +1,6 @@
 """Bit allocation: one precision level per unit, least total error under a bit budget.
 
-DESIGN.md section 5. Units i (tensors, or samples of a tensor) have sizes w_i (values), a
+docs/solver.md. Units i (tensors, or samples of a tensor) have sizes w_i (values), a
 sensitivity C_i and per-level error estimates e[i, l] (inf or nan: level not allowed). Level
 l costs bits[l] payload bits per value. Minimise sum_i C_i e[i, l_i] subject to
 sum_i w_i bits[l_i] <= budget: a multiple-choice knapsack.
@@ -100,7 +100,7 @@ def published_errors(level_bits, aq_levels_mask) -> np.ndarray:
     allocate_bits with errors = np.outer(np.ones(n), published_errors(...)).
 
     0 at >= 32 bits (stored exactly), 1/(2^b - 1)^2 for b-bit rounding, and the 1-bit
-    coefficient 1 for every AQ level whatever its bits (ALGORITHMS.md C.6 / D.4).
+    coefficient 1 for every AQ level whatever its bits (docs/solver.md).
     """
     bits = _vector("level_bits", level_bits)
     aq = np.asarray(aq_levels_mask, dtype=bool)
@@ -120,8 +120,19 @@ def published_errors(level_bits, aq_levels_mask) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- validation
 
+def _numbers(name: str, x, shape: str) -> np.ndarray:
+    """x as float64; a TypeError naming what allocate_bits takes where it is not numbers."""
+    try:
+        if isinstance(x, (str, bytes)) or x is None:  # numpy would read them as a value
+            raise TypeError(f"{type(x).__name__} is not an array")
+        return np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"allocate_bits takes {name} as {shape} of numbers (a list, numpy array "
+                        f"or CPU tensor), got {type(x).__name__} ({error})") from None
+
+
 def _vector(name: str, x) -> np.ndarray:
-    v = np.asarray(x, dtype=np.float64)
+    v = _numbers(name, x, "a 1-D array-like")
     if v.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {v.shape}")
     return v
@@ -146,7 +157,7 @@ def _validate(sizes, sensitivity, errors, level_bits, budget) -> _Instance:
     w = _vector("sizes", sizes)
     c = _vector("sensitivity", sensitivity)
     bits = _vector("level_bits", level_bits)
-    e = np.asarray(errors, dtype=np.float64)
+    e = _numbers("errors", errors, "a (units, levels) array-like")
     n, n_levels = len(w), len(bits)
     if n_levels == 0:
         raise ValueError("level_bits is empty; pass at least one level")
@@ -158,10 +169,14 @@ def _validate(sizes, sensitivity, errors, level_bits, budget) -> _Instance:
         raise ValueError(f"errors has shape {e.shape}; expected (units, levels) = {(n, n_levels)}")
     _require("sizes", np.isfinite(w) & (w >= 0), "finite and >= 0")
     _require("level_bits", np.isfinite(bits) & (bits >= 0), "finite and >= 0")
-    _require("sensitivity", ~np.isnan(c), "free of NaN (GACT uses 1e10, ALGORITHMS.md C.6)")
+    _require("sensitivity", ~np.isnan(c), "free of NaN (the GACT probe uses 1e10 for NaN)")
     _require("sensitivity", np.isfinite(c) & (c >= 0), "finite and >= 0")
     _require("errors", ~(e < 0), ">= 0 (use inf or nan to forbid a level)")
-    budget = float(budget)
+    try:  # numbers, numpy and one-value tensors; never text
+        budget = float(budget if not isinstance(budget, (str, bytes)) else None)
+    except (TypeError, ValueError):
+        raise TypeError(f"allocate_bits takes budget as a number of bits, got "
+                        f"{type(budget).__name__} {budget!r}") from None
     if math.isnan(budget):
         raise ValueError("budget is NaN; pass the number of payload bits allowed")
     e = np.ascontiguousarray(e.T)
@@ -228,7 +243,7 @@ def _lowest_error_levels(inst: _Instance) -> np.ndarray:
 # ----------------------------------------------------------------------------- greedy
 
 def _greedy(inst: _Instance) -> np.ndarray:
-    """The published heap allocator (ALGORITHMS.md B.7, C.6, D.4), vectorised.
+    """The published heap allocator (docs/solver.md), vectorised.
 
     A unit's ladder is its allowed levels by decreasing bits; of levels with equal bits only
     the lowest-error one is a rung, as stepping between them saves nothing. All units start

@@ -47,8 +47,9 @@ def gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 
 
 class PublishedPricing:
-    """The published ActNN-AQ error model inside ours, for comparison (ALGORITHMS.md D.4):
-    every AQ level priced like 1-bit rounding (the allocation itself stays ours)."""
+    """The published ActNN-AQ error model inside ours, for comparison (docs/frameworks.md,
+    "Average Quantization"): every AQ level priced like 1-bit rounding (the allocation
+    itself stays ours)."""
 
     def __enter__(self):
         self.level_errors = aqcore.level_errors

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -44,15 +45,19 @@ def run(mode: str, args, data) -> dict:
     order = torch.Generator().manual_seed(1)
     times = []
     try:
-        for _ in range(args.epochs):
+        for epoch in range(args.epochs):
             model.train()
-            for batch in torch.randperm(TRAIN, generator=order).split(args.batch):
-                if len(batch) < args.batch:
-                    continue
+            batches = [b for b in torch.randperm(TRAIN, generator=order).split(args.batch)
+                       if len(b) == args.batch]
+            progress = tqdm(batches, desc=f"{mode:<9} epoch {epoch + 1}/{args.epochs}",
+                            unit="step")
+            total = 0.0
+            for step, batch in enumerate(progress, 1):
                 x, y = images[batch], labels[batch]
                 start = now(device)
                 optimizer.zero_grad()
-                F.cross_entropy(model(x), y).backward()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
                 optimizer.step()
                 if controller is not None:
                     def backprop():
@@ -60,6 +65,8 @@ def run(mode: str, args, data) -> dict:
                         F.cross_entropy(model(x[:8]), y[:8]).backward()
                     controller.iterate(backprop)
                 times.append(now(device) - start)
+                total += loss.item()
+                progress.set_postfix(loss=f"{total / step:.3f}")
         x, y = images[:args.batch], labels[:args.batch]
         held, loss = allocated_during(lambda: F.cross_entropy(model(x), y), device)
         loss.backward()
@@ -88,7 +95,7 @@ def main() -> None:
     data = digits(device=args.device)
     print(f"ResNet on digits (32x32, {TRAIN} train / {len(data[1]) - TRAIN} test), batch "
           f"{args.batch}, {args.epochs} epochs, {args.device}; compressed runs at {args.bit} "
-          f"bits with AQ down to {args.aq_bit} bit")
+          f"bits with AQ down to {args.aq_bit} bit", flush=True)
     rows = []
     for mode in ("exact", "gact_aq", "actnn_aq"):
         rows.append(run(mode, args, data))

@@ -5,7 +5,7 @@
 
 Per mode: warm-up steps (gact_aq adapts its levels on the first), then the median of
 --steps timed steps (forward + backward + optimizer, synchronized). Activation memory =
-torch.cuda.memory_allocated after the loss minus before the forward (DESIGN.md section 6);
+torch.cuda.memory_allocated after the loss minus before the forward (metadata included);
 peak = max_memory_allocated over one step. Results are appended, mode by mode, to
 benchmark/results/train_step_<model>_<bit>b_<gpu>.json with the command, GPU, torch and date.
 `--model tiny` runs a small ResNet on the bundled digits shape, also on the CPU.

@@ -1,5 +1,5 @@
 """AutoPrecision: one level per saved tensor, least predicted gradient variance for the
-budget (ALGORITHMS.md C.6, with the AQ ladder and error model of DESIGN.md sections 4-5).
+budget (docs/frameworks.md; levels: docs/levels.md, error model: docs/errors.md).
 
 V[i, l], the gradient variance tensor i adds at level l, is about C_i * e_i(l): C_i its
 sensitivity (gradient variance per unit of squared activation error) and e_i(l) the

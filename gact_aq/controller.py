@@ -137,8 +137,10 @@ class Controller:
             self.packer.new_pass()
             self.packer.plan = self._training_plan()
         if not measurement.numels:
-            raise ValueError("nothing to compress: backprop() saved no floating tensor "
-                             "that requires grad (an activation of 2 or more dims)")
+            raise ValueError(
+                "nothing to compress: backprop() saved no floating activation (a tensor of 2 "
+                "or more dims that requires grad and is not a parameter or buffer); does it "
+                "run the model's forward and backward?")
         sensitivity, variance = _averaged_over_ranks(sensitivity, variance)
         usable = np.isfinite(measurement.errors)  # inf: a level the tensor may not take
         if not (np.isfinite(sensitivity).all() and np.isfinite(variance[usable]).all()):

@@ -2,8 +2,8 @@
 
 A probe pass runs the user's backprop() closure (zero_grad, forward, backward) with a
 given plan of levels and returns the parameter gradients. Around all passes of one
-adaptation, `frozen` keeps the training state as it was (ALGORITHMS.md F lists what the
-published probes disturbed):
+adaptation, `frozen` keeps the training state as it was (docs/frameworks.md lists what
+the published probes disturbed):
 
 * buffers (BatchNorm / SyncBatchNorm / InstanceNorm running statistics, counters, and any
   other buffer a forward updates) are restored after every pass;

@@ -9,6 +9,9 @@ import torch
 
 from .packing import Packer
 
+NOTHING_HELD = ("nothing held: no saved activation is alive (a forward stores them, its "
+                "backward frees them)")
+
 
 @dataclass(frozen=True)
 class Row:
@@ -20,7 +23,7 @@ class Row:
     nbytes: int                 # bytes held, metadata included
     exact_nbytes: int           # bytes the tensor itself would take
     swapped: bool               # held in host memory
-    sensitivity: float          # nan before the first adaptation, and for masks
+    sensitivity: Optional[float]  # None: not measured yet (no adaptation covered it), or a mask
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ class Report:
                 unit.tid, unit.kind, tuple(unit.shape), unit.dtype,
                 unit.level.name if unit.level is not None else "mask",
                 unit.nbytes, unit.shape.numel() * unit.dtype.itemsize, unit.swapped,
-                float(sensitivity[unit.tid]) if known else float("nan")))
+                float(sensitivity[unit.tid]) if known else None))
         return cls(tuple(rows))
 
     @property
@@ -48,19 +51,26 @@ class Report:
         return sum(r.exact_nbytes for r in self.rows)
 
     def __str__(self) -> str:
+        if not self.rows:
+            return NOTHING_HELD
         header = f"{'tid':>4} {'shape':<22} {'dtype':<9} {'level':>6} {'bytes':>11} " \
-                 f"{'exact':>11} {'sensitivity':>11}"
+                 f"{'exact':>11} {'sensitivity':>12}"
         lines = [header, "-" * len(header)]
         for r in self.rows:
             tid = "-" if r.tid is None else str(r.tid)
             where = " host" if r.swapped else ""
             lines.append(f"{tid:>4} {str(list(r.shape)):<22} {str(r.dtype)[6:]:<9} "
                          f"{r.level:>6} {r.nbytes:>11,} {r.exact_nbytes:>11,} "
-                         f"{r.sensitivity:>11.3g}{where}")
-        ratio = self.exact_nbytes / self.nbytes if self.nbytes else float("nan")
+                         f"{_sensitivity(r):>12}{where}")
         lines.append(f"total: {self.nbytes:,} bytes held for {self.exact_nbytes:,} exact "
-                     f"({ratio:.1f}x smaller)")
+                     f"({self.exact_nbytes / self.nbytes:.1f}x smaller)")
         return "\n".join(lines)
+
+
+def _sensitivity(row: Row) -> str:
+    if row.sensitivity is not None:
+        return f"{row.sensitivity:.3g}"
+    return "-" if row.tid is None else "not measured"
 
 
 def _order(unit) -> tuple:

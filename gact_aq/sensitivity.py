@@ -1,5 +1,5 @@
 """Sensitivity estimators: C_i such that storing tensor i with expected squared error e_i
-adds about C_i * e_i to the variance of the parameter gradient (ALGORITHMS.md C.6).
+adds about C_i * e_i to the variance of the parameter gradient (docs/frameworks.md).
 
 Both run one exact reference pass that measures every tensor's size and its error at
 each ladder level (aqcore.level_errors), then:
@@ -33,7 +33,7 @@ MAX_PROBE_VALUE = 1e10  # the published clamp for NaN / Inf / huge probe results
 
 
 def probe(ctl: "Controller", prober: Prober, ladder: Sequence[Level]):
-    """The published GACT probe (ALGORITHMS.md C.6): three extra passes per tensor.
+    """The published GACT probe (docs/frameworks.md): three extra passes per tensor.
 
     Tensor l alone at 1 bit with two seeds, then at 8 bits (all others exact):
     v_l = max(d01, 2 max(d02, d12)) estimates twice the gradient variance l adds at 1 bit;

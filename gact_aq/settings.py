@@ -1,12 +1,12 @@
-"""The configuration of gact_aq and its optimization levels (ALGORITHMS.md C.1, D.5).
+"""The configuration of gact_aq and its optimization levels (docs/frameworks.md).
 
 Levels are data: OPTIMIZATION_LEVELS maps each level name of GACT and of the AQ release to
 the config fields it sets. `set_optimization_level` starts from the defaults every time,
 applies the row, then the `bit` / `aq_bit` arguments, so the result never depends on an
-earlier call and no level silently ignores an argument (ALGORITHMS.md D.5 gotchas).
+earlier call and no level silently ignores an argument (as published levels did).
 
 The published "...GN..." levels and "L2.2_" also switched on `fast_mem_check`, which gives
-every tensor but one a random sensitivity (ALGORITHMS.md D.6), and "GN" switched the probe
+every tensor but one a random sensitivity (docs/frameworks.md), and "GN" switched the probe
 statistic to per-parameter gradient norms. Neither is reproduced: here those names are
 auto precision with real sensitivities, at the bit / aq_bit their names give.
 """

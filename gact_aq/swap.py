@@ -1,8 +1,8 @@
 """Swap: keep a compressed tensor in host memory between forward and backward.
 
 On CUDA the device-to-host copy goes into pinned memory on a side stream, so it overlaps
-with the forward pass (the published code left it on the compute stream, ALGORITHMS.md
-C.5); the copy back waits for that copy and runs on the stream that needs the tensor.
+with the forward pass (the published code left it on the compute stream); the copy back
+waits for that copy and runs on the stream that needs the tensor.
 On a CPU device the payload already lives in host memory, so swapping only marks it.
 """
 from __future__ import annotations

@@ -115,9 +115,25 @@ def test_per_layer_reallocation_respects_the_budget_and_differs_by_layer():
     assert len(set(bits.values())) > 1
     ladder = model.controller.ladder  # shares count metadata and group padding, the target does not
     allowed = sum(8 * row_budget(ladder, n // 8, 256, 1.5) for n in sizes.values())
-    assert sum(bits[name] * sizes[name] / 8 for name in bits) <= allowed
-    assert min(bits.values()) >= 0.5
-    assert max(bits.values()) <= 8 * (256 + 16) / 16  # a 16-value row pays a whole 8-bit group
+    assert sum(bits[name].held * sizes[name] / 8 for name in bits) <= allowed
+    assert min(b.bits for b in bits.values()) >= 0.5 and max(b.bits for b in bits.values()) <= 8
+    assert max(b.held for b in bits.values()) <= 8 * (256 + 16) / 16  # a 16-value row pays a whole 8-bit group
+
+
+def test_state_reports_code_bits_and_padding_apart():
+    """Samples of 64 values: a 1-bit slot is one group of 256 codes (32 bytes) plus its
+    metadata, aligned (48 bytes, 6 bits per value held), a 2-bit or AQ slot 80 bytes (10
+    bits per value), whatever the codes' own bits."""
+    actnn_aq.set_optimization_level("L3", bit=1.5, aq_bit=0.5)
+    torch.manual_seed(0)
+    model = actnn_aq.QModule(mlp())
+    train_step(model, torch.randn(16, 32), torch.randint(0, 4, (16,)))
+    state = model.controller.state()
+    small = [b for b in state.values() if b.values == 64]
+    assert len(small) == 5 and all(b.held >= 6 and b.overhead > b.bits for b in small)
+    for b in state.values():
+        assert 0.5 <= b.bits <= 8 and b.overhead == b.held - b.bits > 0
+        assert f"{b.bits:.3g} bits per value in codes" in str(b) and "padding" in str(b)
 
 
 def test_training_at_1_25_bits_with_aq_converges_like_exact():

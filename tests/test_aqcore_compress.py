@@ -353,6 +353,31 @@ def test_bad_arguments_are_clear():
         aqcore.compress(x, "2", group_size=100)
 
 
+@pytest.mark.parametrize("call, named", [
+    (lambda: aqcore.compress([1.0, 2.0], "2"), "compress takes a torch.Tensor as x"),
+    (lambda: aqcore.compress(torch.ones(3), "2", seed=0.5), "integer seed"),
+    (lambda: aqcore.decompress(torch.ones(3)), "CompressedTensor"),
+    (lambda: aqcore.decompress(aqcore.compress(torch.ones(3), "2"), out=[0.0] * 3), "as out"),
+    (lambda: aqcore.pack_mask([True, False]), "pack_mask takes a torch.Tensor"),
+    (lambda: aqcore.level_errors([[1.0, 2.0]]), "level_errors takes a torch.Tensor"),
+    (lambda: aqcore.level_errors(torch.ones(2, 3, dtype=torch.int64)), "floating rows"),
+    (lambda: aqcore.sample_rows([[1.0]]), "sample_rows takes a torch.Tensor"),
+    (lambda: aqcore.compress_allocated([[1.0]], ["2"], torch.ones(1), 2.0), "as x"),
+    (lambda: aqcore.compress_allocated(torch.ones(2, 3), "2", torch.ones(2), 2.0), "a ladder"),
+    (lambda: aqcore.compress_allocated(torch.ones(2, 3), ["2"], [1, 1], 2.0), "as weights"),
+    (lambda: aqcore.compress_allocated(torch.ones(2, 3), ["2"], torch.ones(2), "2"), "bits"),
+    (lambda: aqcore.allocate_rows([[0.0]], torch.zeros(1, dtype=torch.int64), 1), "torch tensors"),
+])
+def test_wrong_argument_types_raise_a_type_error_naming_what_is_taken(call, named):
+    with pytest.raises(TypeError, match=named):
+        call()
+
+
+def test_level_errors_names_the_shape_it_takes():
+    with pytest.raises(ValueError, match="2-D rows"):
+        aqcore.level_errors(torch.ones(3))
+
+
 def test_decompress_into_out():
     x = torch.randn(5, 300)
     ct = aqcore.compress(x, "4", seed=1)

@@ -235,6 +235,28 @@ def test_report_sums_to_the_bytes_actually_held():
         assert ctl.report().nbytes == held_bytes() == 0
 
 
+def test_report_says_plainly_when_nothing_is_held_or_measured():
+    model, x, y = cnn_problem()
+    backprop = backprop_fn(model, x, y)
+    gact_aq.set_optimization_level("L2.2", bit=1.5, aq_bit=0.5)
+    with Controller(model) as ctl:
+        assert str(ctl.report()).startswith("nothing held")  # before any forward
+        loss = nn.functional.cross_entropy(model(x), y)
+        text = str(ctl.report())
+        assert "nan" not in text and "total:" in text
+        floats = [r for r in ctl.report().rows if r.tid is not None]
+        assert floats and all(r.sensitivity is None for r in floats)
+        assert text.count("not measured") == len(floats)  # before the first adaptation
+        loss.backward()
+        assert str(ctl.report()).startswith("nothing held")  # backward freed everything
+        ctl.iterate(backprop)
+        model(x).sum()
+        rows = ctl.report().rows
+        assert all(r.sensitivity is not None for r in rows if r.tid is not None)
+        assert all(r.sensitivity is None for r in rows if r.tid is None)  # masks
+        assert "not measured" not in str(ctl.report()) and "nan" not in str(ctl.report())
+
+
 def test_state_dict_round_trip_reproduces_the_next_step():
     model, x, y = cnn_problem()
     backprop = backprop_fn(model, x, y)

@@ -74,7 +74,7 @@ def test_default_estimator_costs_one_pass_whatever_the_number_of_tensors(both_me
 
 def test_an_allocation_from_random_sensitivities_is_worse():
     """The variance test above can fail: fast_mem_check-style random sensitivities
-    (ALGORITHMS.md D.6) give a measurably worse allocation."""
+    (docs/frameworks.md) give a measurably worse allocation."""
     model, x, y = cnn_problem()
     backprop = backprop_fn(model, x, y)
     default = adapted(model, backprop, "propagate")

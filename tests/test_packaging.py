@@ -39,11 +39,19 @@ def conda_dependencies(path):
     return conda, pip
 
 
-@pytest.mark.parametrize("name", ["actnn_aq", "gact_aq"])
+TORCH_PIN = "torch==2.13.0"
+CPU_INDEX = "--extra-index-url https://download.pytorch.org/whl/cpu"
+
+
+def test_the_environment_files_are_a_cpu_and_a_cuda_variant():
+    assert sorted(p.name for p in (ROOT / "requirements").iterdir()) == ["cpu.yaml", "cuda.yaml"]
+
+
+@pytest.mark.parametrize("name", ["cpu", "cuda"])
 def test_environment_files_install_this_repo_and_agree_with_setup_cfg(name):
     path = ROOT / "requirements" / f"{name}.yaml"
     text = path.read_text()
-    assert re.search(rf"^name: {name}$", text, re.M)
+    assert re.search(rf"^name: aq-act-{name}$", text, re.M)
     conda, pip = conda_dependencies(path)
     cfg = setup_cfg()
     extras = set(cfg["options.extras_require"])
@@ -63,6 +71,17 @@ def test_environment_files_install_this_repo_and_agree_with_setup_cfg(name):
     assert {aliases.get(n, n) for n in named} <= declared
 
 
+@pytest.mark.parametrize("name, cpu_index", [("cpu", True), ("cuda", False)])
+def test_torch_is_pinned_to_a_version_setup_cfg_allows_with_the_build_the_name_says(name, cpu_index):
+    from packaging.requirements import Requirement
+
+    _, pip = conda_dependencies(ROOT / "requirements" / f"{name}.yaml")
+    assert TORCH_PIN in pip and (CPU_INDEX in pip) == cpu_index
+    runtime = [Requirement(line) for line in setup_cfg()["options"]["install_requires"].split()]
+    torch_spec = next(r.specifier for r in runtime if r.name == "torch")
+    assert torch_spec.contains(TORCH_PIN.split("==")[1])
+
+
 def test_setup_cfg_declares_the_packages_and_dependencies():
     cfg = setup_cfg()
     include = cfg["options.packages.find"]["include"].split()
@@ -73,3 +92,6 @@ def test_setup_cfg_declares_the_packages_and_dependencies():
     assert runtime == {"torch", "numpy", "scipy", "ninja", "tqdm"}
     assert requirement_names(cfg["options.extras_require"]["test"].splitlines()) >= {
         "pytest", "hypothesis"}
+    # transformers: BERT in benchmark/train_step.py; matplotlib: PNG plots of benchmark results
+    assert requirement_names(cfg["options.extras_require"]["bench"].splitlines()) == {
+        "matplotlib", "transformers"}

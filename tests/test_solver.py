@@ -1,4 +1,4 @@
-"""Tests for the bit-allocation solver (aqcore/solver.py, DESIGN.md section 5)."""
+"""Tests for the bit-allocation solver (aqcore/solver.py, docs/solver.md)."""
 import heapq
 import itertools
 import time
@@ -84,7 +84,7 @@ def milp_optimum(sizes, sens, errors, bits, budget):
 
 
 def heap_greedy(sizes, sens, errors, bits, budget):
-    """The published heap loop, written literally (ALGORITHMS.md B.7, C.6, D.4): ladders of
+    """The published heap loop, written literally (docs/solver.md, "greedy"): ladders of
     allowed levels by decreasing bits (lowest error among equal bits), start at the top,
     max-heap on C (e_cur - e_next) / (w (b_cur - b_next)), ties to the larger unit."""
     errors = np.where(np.isnan(errors), np.inf, errors)
@@ -338,6 +338,21 @@ def test_infeasible_budget_names_the_minimum(method):
 def test_bad_input_raises(args, match):
     with pytest.raises(ValueError, match=match):
         allocate_bits(*args)
+
+
+@pytest.mark.parametrize("args, named", [
+    (("12", [1], [[0, 1]], [8, 1], 8), "sizes as a 1-D array-like of numbers"),
+    (([1], None, [[0, 1]], [8, 1], 8), "sensitivity as a 1-D array-like"),
+    (([1], [1], {"a": 1}, [8, 1], 8), r"errors as a \(units, levels\) array-like"),
+    (([1], [1], [[0, 1]], ["a", "b"], 8), "level_bits"),
+    (([1], [1], [[0, 1]], [8, 1], "8"), "budget as a number of bits"),
+    (([1], [1], [[0, 1]], [8, 1], None), "budget as a number of bits"),
+])
+def test_wrong_types_raise_a_type_error_naming_what_is_taken(args, named):
+    with pytest.raises(TypeError, match=named):
+        allocate_bits(*args)
+    assert allocate_bits([1], [1], torch.tensor([[0.0, 1.0]]), np.array([8, 1]),
+                         torch.tensor(8.0)).tolist() == [0]  # tensors and arrays are fine
 
 
 def test_unknown_method_lists_the_valid_ones():

@@ -2,7 +2,7 @@
 
 Forward is the exact torch op; only the input is kept, compressed, and only when the
 weight needs a gradient (the input gradient needs the weight alone). Backward is
-aten.convolution_backward / matmuls on the decompressed input (ALGORITHMS.md B.5),
+aten.convolution_backward / matmuls on the decompressed input (docs/frameworks.md),
 in the dtype the forward computed in (autocast's), gradients cast back like autocast's.
 """
 from __future__ import annotations
@@ -107,7 +107,7 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | N
 
 
 class LinearFunction(torch.autograd.Function):
-    """y = x W^T + b for inputs of any rank (the original handled 2-D only, ALGORITHMS.md F)."""
+    """y = x W^T + b for inputs of any rank (the original handled 2-D only, docs/frameworks.md)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, plan: Plan | None, obs: Observation | None):

@@ -2,8 +2,9 @@
 
 Forward runs the op torch.nn runs (so outputs and running-stat updates are identical);
 backward is the aten backward of that op on the decompressed input with the exact saved
-mean / inverse std (ALGORITHMS.md B.4, B.5). SyncBatchNorm's synchronised path is plain
-tensor math plus collectives, so it runs on CPU (gloo) as well as CUDA.
+mean / inverse std (docs/frameworks.md, "What each layer keeps"). SyncBatchNorm's
+synchronised path is plain tensor math plus collectives, so it runs on CPU (gloo) as well
+as CUDA.
 """
 from __future__ import annotations
 

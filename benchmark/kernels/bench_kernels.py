@@ -1,4 +1,4 @@
-"""Kernel throughput against the device-to-device copy bandwidth (DESIGN.md section 6).
+"""Kernel throughput against the device-to-device copy bandwidth (target: >= 0.8 of it).
 
 For a 1 GiB float32 and a 512 MiB bfloat16 activation, every quantized level, compress and
 decompress: the median over --reps timings (CUDA events, after warm-up) of --batch calls
