@@ -126,14 +126,24 @@ def _rounding_scale(bits: int, group_size: int) -> float:
 def level_errors(rows: torch.Tensor, group_size: int = 256,
                  levels: tuple[Level, ...] = ERROR_LEVELS) -> torch.Tensor:
     """(R, F) values -> (R, len(levels)) float32 expected squared error per row and level."""
+    deviation, rounding = error_terms(rows, group_size, levels)
+    return deviation + rounding
+
+
+def error_terms(rows: torch.Tensor, group_size: int = 256,
+                levels: tuple[Level, ...] = ERROR_LEVELS) -> tuple[torch.Tensor, torch.Tensor]:
+    """level_errors in its two parts, each (R, len(levels)) float32: the deterministic
+    deviation of averaging (D_k: the same every time, a bias; 0 for plain levels) and the
+    variance of stochastic rounding (fresh noise every time)."""
     n_rows, n = rows.shape
     if n == 0 or not levels:
-        return torch.zeros(n_rows, len(levels), device=rows.device)
+        zero = torch.zeros(n_rows, len(levels), device=rows.device)
+        return zero, zero.clone()
     plain = tuple(dict.fromkeys(level for level in levels if not level.zeros))
     columns = {}
     if plain:
         deviation, rounding = _error_terms(rows, group_size, plain)
-        columns = dict(zip(plain, (deviation + rounding).unbind(-1)))
+        columns = dict(zip(plain, zip(deviation.unbind(-1), rounding.unbind(-1))))
     for level in levels:
         if level.zeros and level not in columns:
             # rounding reaches the nonzeros only, scaled by their share of the row, on the
@@ -142,8 +152,8 @@ def level_errors(rows: torch.Tensor, group_size: int = 256,
             deviation, rounding = _error_terms(filled, group_size, (level.codes_level,))
             steps = (1 << level.bits) - 1
             density = (rows != 0).sum(1, dtype=torch.float32) * (steps / (steps - 1)) ** 2 / n
-            columns[level] = torch.addcmul(deviation[:, 0], rounding[:, 0], density)
-    return torch.stack([columns[level] for level in levels], -1)
+            columns[level] = (deviation[:, 0], rounding[:, 0] * density)
+    return tuple(torch.stack([columns[level][part] for level in levels], -1) for part in (0, 1))
 
 
 def _error_terms(rows: torch.Tensor, group_size: int, levels: tuple[Level, ...]

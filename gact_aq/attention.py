@@ -66,15 +66,19 @@ def _cudnn(node, q, k, v):
 @contextlib.contextmanager
 def _replayed_dropout(node):
     """With dropout, run the kernel on the random stream position it used in forward (the
-    philox seed and offset it saved); the generator's state is put back afterwards."""
+    philox seed and offset it saved: rng_state for flash, philox_seed / philox_offset for
+    the others); the generator's state is put back afterwards."""
     if not _scalar(node, "dropout_p"):
         yield
         return
-    seed, offset = _scalar(node, "philox_seed"), _scalar(node, "philox_offset")
+    if _scalar(node, "rng_state") is not None:  # flash: one (seed, offset) uint64 pair
+        seed, offset = _scalar(node, "rng_state").view(torch.int64).tolist()
+    else:
+        seed, offset = int(_scalar(node, "philox_seed")), int(_scalar(node, "philox_offset"))
     generator = torch.cuda.default_generators[torch.cuda.current_device()]
     state = generator.get_state()
-    generator.manual_seed(int(seed))
-    generator.set_offset(int(offset))
+    generator.manual_seed(seed)
+    generator.set_offset(offset)
     try:
         yield
     finally:

@@ -19,9 +19,16 @@ import torch
 
 import aqcore
 from aqcore import Level
+from aqcore.errors import error_terms
 from aqcore.solver import allocate_bits
 
 from .packing import ZEROS, Plan, Tracer, Unit
+
+# Rounding noise is fresh every step, and the optimizer's momentum (m = 0.9 in SGD and Adam
+# alike) averages it over about (1 + m) / (1 - m) = 19 steps; AQ's averaging error is the
+# same every step, a bias that no averaging removes: the allocation prices it that much
+# dearer than noise of the same energy.
+BIAS_WEIGHT = 19.0
 
 
 def rounding_seed(*parts: int) -> int:
@@ -39,13 +46,22 @@ def allowed(level: Level, zeros: bool) -> bool:
 
 
 def tensor_errors(x: torch.Tensor, levels: Sequence[Level], group_size: int,
-                  zeros: bool = False) -> np.ndarray:
-    """Expected squared error of storing x at each level: 0 for levels kept as is, inf for
-    levels it may not take (allowed)."""
+                  zeros: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(expected squared error, its deterministic part) of storing x at each level: 0 for
+    levels kept as is, inf for levels it may not take (allowed)."""
     rows = x.detach().reshape(1, -1)
     quantized = tuple(l for l in levels if allowed(l, zeros) and not l.is_raw)
-    measured = dict(zip(quantized, aqcore.level_errors(rows, group_size, quantized)[0].tolist()))
-    return np.array([0.0 if level.is_raw else measured.get(level, np.inf) for level in levels])
+    deviation, rounding = error_terms(rows, group_size, quantized)
+    measured = dict(zip(quantized, zip((deviation + rounding)[0].tolist(), deviation[0].tolist())))
+    return tuple(np.array([0.0 if level.is_raw else measured.get(level, (np.inf, np.inf))[part]
+                           for level in levels]) for part in (0, 1))
+
+
+def priced(errors: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """The error the allocation weighs: rounding noise as it is, the deterministic part of
+    AQ (averaging) BIAS_WEIGHT times."""
+    with np.errstate(invalid="ignore"):  # inf - inf: a level the tensor may not take
+        return np.where(np.isfinite(errors), errors + (BIAS_WEIGHT - 1) * bias, errors)
 
 
 def same_but_batch(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
@@ -71,8 +87,9 @@ class Measurement(Tracer):
         self.group_size = group_size
         self.shapes: list[tuple[int, ...]] = []
         self.zeros = np.zeros(0, dtype=bool)
-        self.errors = np.zeros((0, len(self.ladder)))
-        self._errors: dict[int, np.ndarray] = {}
+        self.errors = np.zeros((0, len(self.ladder)))   # expected squared error
+        self.priced = np.zeros((0, len(self.ladder)))   # what the allocation weighs (priced)
+        self._errors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def on_pack(self, x: torch.Tensor, unit: Optional[Unit], new: bool) -> None:
         if new and unit.tid is not None:
@@ -84,7 +101,8 @@ class Measurement(Tracer):
         self.shapes = [tuple(shape) for shape in seen]
         self.zeros = np.array([kind == ZEROS for kind in kinds], dtype=bool)
         if seen:
-            self.errors = np.stack([self._errors[tid] for tid in range(len(seen))])
+            errors, bias = (np.stack(part) for part in zip(*(self._errors[tid] for tid in range(len(seen)))))
+            self.errors, self.priced = errors, priced(errors, bias)
 
     @property
     def numels(self) -> list[int]:
@@ -92,6 +110,9 @@ class Measurement(Tracer):
 
     def error_at(self, level: Level) -> np.ndarray:
         return self.errors[:, self.ladder.index(level)]
+
+    def priced_at(self, level: Level) -> np.ndarray:
+        return self.priced[:, self.ladder.index(level)]
 
 
 class LevelPlan(Plan):

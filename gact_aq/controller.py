@@ -105,16 +105,18 @@ class Controller:
     def iterate(self, backprop: Optional[Callable[[], object]] = None) -> None:
         """Call once per training step, after optimizer.step(). At iterations 0, 1, 2, 4, ...
         and then every adapt_interval, and after a guard alarm, it re-allocates levels,
-        running backprop() for the sensitivity passes."""
+        running backprop() for the sensitivity passes. Without backprop the levels in force
+        stay (the first allocation needs it: auto precision has no levels before)."""
         cfg = self.config
         alarm = self.guard is not None and self.guard.alarm()
         if alarm:
             self._raise_floor()
         if cfg.compress and cfg.auto_prec and (alarm or self._adaptation_due()):
-            if backprop is None:
+            if backprop is not None:
+                self.adapt(backprop)
+            elif not self.levels:
                 raise ValueError("iterate(backprop) needs backprop (zero_grad + forward + "
                                  "backward) to measure sensitivities with auto precision")
-            self.adapt(backprop)
         if alarm:
             self._tell_recovery()
         self.iteration += 1
@@ -219,7 +221,7 @@ class Controller:
         cfg = self.config
         starts = {zeros: self._lifted(settings.start_level(cfg, zeros)) if cfg.compress else EXACT
                   for zeros in (False, True)}
-        levels = self.levels if cfg.auto_prec else []
+        levels = [self._lifted(level) for level in self.levels] if cfg.auto_prec else []
         return LevelPlan(levels, self.shapes, starts.__getitem__,
                          lambda tid: self.seed_for(TRAINING_PASS, tid))
 

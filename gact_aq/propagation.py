@@ -21,15 +21,14 @@ gradient variance, and r_x(l) = V_x(l) / ||d(l)||^2 is its sensitivity at that l
 
 This is ActNN's insight (the error a layer's weight gradient gets is the noise times the
 gradient at its output) generalized to any node, plus the indirect terms ActNN drops
-(ReLU masks, normalization statistics, attention). Each measured level is measured on its
-own, as its error is not small independent noise: ReLU masks flip at 1 bit, and AQ's
-averaging is a deterministic error, often coherent across the samples of a batch, which
-a weight gradient then sums up (sensitivity.propagate prices it).
+(normalization statistics, attention). The measured level (1 bit; 2 bits for a tensor
+that keeps exact zeros, whose 1-bit form does not exist) is compressed for real, so
+nonlinear effects are in the measurement.
 
 Cost: the exact reference pass, plus one call of each node that saved float tensors per
-tensor and measured level (1 bit and each AQ level: 3 at aq_bit=0.5), i.e. about three
-more backward computations of those nodes, and the compressions they need, whatever the
-number of tensors; the published probe needs three full passes per tensor. Gains cost
+tensor and measured level, i.e. about one more backward computation of those nodes, and
+the compressions they need, whatever the number of tensors; the published probe needs
+three full passes per tensor. Gains cost
 nothing extra. The test models rank tensors like the probe (Spearman >= 0.8,
 tests/test_gact_sensitivity.py; benchmark/gact_sensitivity.py has the numbers).
 

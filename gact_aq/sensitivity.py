@@ -6,8 +6,9 @@ each ladder level (aqcore.level_errors), then:
 * "propagate" (default, propagation.py): local noise propagation during that same pass;
 * "probe": the published three passes per tensor.
 Each returns (C, measurement, V): C the 1-bit sensitivity (what the published probe
-measures, comparable across methods), V[i, l] the gradient variance tensor i is predicted
-to add at each ladder level l, which the allocation minimises.
+measures, comparable across methods), V[i, l] = C_i e'_i(l) the gradient error tensor i
+is predicted to add at each ladder level l (noise variance plus autoprec.BIAS_WEIGHT times
+the squared bias of averaging), which the allocation minimises.
 """
 from __future__ import annotations
 
@@ -56,23 +57,20 @@ def probe(ctl: "Controller", prober: Prober, ladder: Sequence[Level]):
         error = m.error_at(probed)[tid]
         sensitivity[tid] = value / (2 * error) if error > 0 else 0.0
     with np.errstate(invalid="ignore"):  # 0 * inf: a level the tensor may not take
-        return sensitivity, m, sensitivity[:, None] * m.errors
+        return sensitivity, m, sensitivity[:, None] * m.priced
 
 
 def propagate(ctl: "Controller", prober: Prober, ladder: Sequence[Level]):
     """Local noise propagation (propagation.py) during the reference pass: no other pass.
 
-    It measures the 1-bit sensitivity C (as the probe does) and each AQ level's own rate.
-    Plain levels are priced C * e(l), like the probe prices them. An AQ level is priced
-    max(its rate, C) * e(l): its averaging is a deterministic error, a bias that SGD does
-    not average out over steps, so it never costs less than independent noise of the same
-    energy (how the probe prices it); where the measurement is larger (errors coherent
-    across a batch: attention outputs feeding a linear layer cost 5x their energy), the
-    measurement wins. Priced by the measured per-step variance alone, AQ spreads and a
-    digits CNN at 1.25 bits loses 5 points of accuracy.
+    It measures the 1-bit sensitivity C (2 bits for tensors that keep exact zeros, as
+    the probe does) and prices every level C * e'(l), e'(l) = autoprec.priced: the error
+    energy with its deterministic part (AQ's averaging: a bias, which the optimizer does
+    not average out over steps) weighed BIAS_WEIGHT times. Priced by the per-step error
+    energy alone, AQ spreads over tensors whose averaging biases the gradient: a small
+    ResNet at 1.25 bits lost 3 points of held-out accuracy (docs/frameworks.md).
     """
-    measured = [ONE_BIT] + [level for level in ladder if level.is_aq and not level.zeros]
-    tracer = Propagation(ladder, ctl.config.group_size, measured,
+    tracer = Propagation(ladder, ctl.config.group_size, [ONE_BIT],
                          lambda tid: ctl.seed_for(pass_id=1, tid=tid))
     with tracer.watching(ctl.module):
         ctl.run_pass(prober, {}, pass_id=1, tracer=tracer)
@@ -82,15 +80,9 @@ def propagate(ctl: "Controller", prober: Prober, ladder: Sequence[Level]):
         warnings.warn("gact_aq: no tensor could be measured by propagation; using the "
                       "probe method for this adaptation", stacklevel=3)
         return probe(ctl, prober, ladder)
-    rates = tracer.sensitivities()
-    sensitivity = rates[:, 0]
-    columns = []
-    for level in ladder:
-        column = measured.index(level.codes_level) if level.is_aq else 0
-        rate = np.maximum(rates[:, column], sensitivity) if level.is_aq else sensitivity
-        with np.errstate(invalid="ignore"):  # 0 * inf: a level the tensor may not take
-            columns.append(rate * tracer.error_at(level))
-    return sensitivity, tracer, np.stack(columns, axis=1)
+    sensitivity = tracer.sensitivities()[:, 0]
+    with np.errstate(invalid="ignore"):  # 0 * inf: a level the tensor may not take
+        return sensitivity, tracer, sensitivity[:, None] * tracer.priced
 
 
 ESTIMATORS: dict[str, Callable] = {"propagate": propagate, "probe": probe}
