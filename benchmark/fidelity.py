@@ -18,8 +18,11 @@ Tasks (no downloads):
   test_batch.bin) or an ImageFolder root with train/ and val/; else a learnable built-in
   task (noisy class templates). SGD with Nesterov momentum, weight decay, OneCycle.
 * bert: BertForSequenceClassification built from a config, SDPA attention (dropout 0.1),
-  optionally under bf16 autocast, AdamW with warmup; a built-in task that needs attention
-  (is the first token repeated later in the sequence?).
+  AdamW with warmup; a built-in task that needs attention (is the first token repeated
+  later in the sequence?).
+* lm: a small causal transformer of our own (SDPA attention, LayerNorm, GELU), AdamW with
+  warmup, learning to copy the first half of each sequence (no dependency beyond torch).
+Any task can run under bf16 autocast (--bf16).
 
 Modes: exact, or FRAMEWORK-BITS[aq]: gact / actnn, BITS the fixed level (4, 2: gact L1,
 actnn L2) or with "aq" the target of per-tensor / per-sample allocation with AQ down to
@@ -61,7 +64,8 @@ DEFAULT_MODES = ("exact", "gact-4", "gact-2", "gact-2aq", "gact-1.5aq", "gact-1.
 
 @dataclass
 class Task:
-    """A classification problem: tensors on the device, a model factory, the optimizer."""
+    """A classification problem: tensors on the device, a model factory, the optimizer.
+    forward gives logits (..., classes) for labels (...) of the same leading shape."""
 
     name: str
     train_x: torch.Tensor
@@ -70,10 +74,13 @@ class Task:
     test_y: torch.Tensor
     make_model: Callable[[], nn.Module]
     make_optimizer: Callable[[nn.Module, int], tuple]
-    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor]   # logits
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+    def loss(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs) -> torch.Tensor:
+        return F.cross_entropy(self.forward(model, x).flatten(0, -2), y.flatten(), **kwargs)
 
 
-def template_images(n: int, seed: int, classes: int = 10, size: int = 32) -> tuple:
+def template_images(n: int, seed: int, size: int = 32, classes: int = 10) -> tuple:
     """A learnable image task: smooth class templates under strong smooth and pixel noise."""
     templates = F.interpolate(torch.randn(classes, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
                               size=size, mode="bilinear", align_corners=False)
@@ -125,13 +132,14 @@ def resnet_task(args, device: torch.device) -> Task:
     elif args.data:
         train_x, train_y, test_x, test_y = image_folder(Path(args.data))
     else:
-        train_x, train_y = template_images(args.train_size, seed=0)
-        test_x, test_y = template_images(args.test_size, seed=1)
+        train_x, train_y = template_images(args.train_size, 0, args.image_size)
+        test_x, test_y = template_images(args.test_size, 1, args.image_size)
     classes = int(train_y.max()) + 1
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    widths = {"small": (16, 32, 64), "tiny": (8, 16, 32)}
 
     def make_model():
-        model = resnet((16, 32, 64), blocks=1, classes=classes) if args.model == "small" \
+        model = resnet(widths[args.model], blocks=1, classes=classes) if args.model in widths \
             else cifar_resnet(args.model, classes)
         return model.to(device).to(memory_format=memory_format)
 
@@ -142,7 +150,8 @@ def resnet_task(args, device: torch.device) -> Task:
                                                         total_steps=total_steps)
 
     def forward(model, x):
-        return model(x.contiguous(memory_format=memory_format))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            return model(x.contiguous(memory_format=memory_format)).float()
 
     return Task("resnet", train_x.to(device), train_y.to(device), test_x.to(device),
                 test_y.to(device), make_model, make_optimizer, forward)
@@ -178,12 +187,7 @@ def bert_task(args, device: torch.device) -> Task:
     def make_model():
         return BertForSequenceClassification(config).to(device)
 
-    def make_optimizer(model, total_steps):
-        opt = torch.optim.AdamW(model.parameters(), lr=args.lr or 3e-4, weight_decay=0.01)
-        warm = max(1, total_steps // 10)
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min((s + 1) / warm, max(0.0, (total_steps - s) / (total_steps - warm))))
-        return opt, schedule
+    make_optimizer = adamw_with_warmup(args.lr or 3e-4)
 
     def forward(model, x):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
@@ -193,7 +197,79 @@ def bert_task(args, device: torch.device) -> Task:
                 test_y.to(device), make_model, make_optimizer, forward)
 
 
-TASKS = {"resnet": resnet_task, "bert": bert_task}
+def adamw_with_warmup(lr: float) -> Callable:
+    """AdamW, linear warmup over the first 10% of the steps, then linear decay."""
+    def make_optimizer(model, total_steps):
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+        warm = max(1, total_steps // 10)
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min((s + 1) / warm, max(0.0, (total_steps - s) / (total_steps - warm))))
+        return opt, schedule
+    return make_optimizer
+
+
+class Decoder(nn.Module):
+    """A small causal transformer: pre-norm blocks of SDPA attention and a GELU MLP."""
+
+    def __init__(self, vocab: int, width: int, heads: int, layers: int, length: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.pos = nn.Parameter(torch.randn(length, width) * 0.02)
+        self.blocks = nn.ModuleList(DecoderBlock(width, heads) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids) + self.pos[: ids.shape[1]]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.up, self.down = nn.Linear(width, 4 * width), nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, t, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attended = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(attended.transpose(1, 2).reshape(b, t, c))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+def copy_task(n: int, seed: int, vocab: int, length: int) -> tuple:
+    """Sequences whose second half repeats the first: (tokens, the second half to predict)."""
+    g = torch.Generator().manual_seed(3000 + seed)
+    first = torch.randint(0, vocab, (n, length // 2), generator=g)
+    return torch.cat([first, first], 1), first
+
+
+def lm_task(args, device: torch.device) -> Task:
+    """A decoder learning to copy: needs attention (to look back half a sequence)."""
+    vocab, length = 64, args.seq_len
+    train_x, train_y = copy_task(args.train_size, 0, vocab, length)
+    test_x, test_y = copy_task(args.test_size, 1, vocab, length)
+    sizes = {"tiny": (64, 4, 2), "small": (128, 4, 3)}
+    width, heads, layers = sizes[args.model if args.model in sizes else "tiny"]
+
+    def make_model():
+        return Decoder(vocab, width, heads, layers, length).to(device)
+
+    def forward(model, x):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+            logits = model(x)
+        return logits[:, length // 2 - 1 : -1].float()  # predictions of the second half
+
+    return Task("lm", train_x.to(device), train_y.to(device), test_x.to(device),
+                test_y.to(device), make_model, adamw_with_warmup(args.lr or 3e-3), forward)
+
+
+TASKS = {"resnet": resnet_task, "bert": bert_task, "lm": lm_task}
 
 
 # ----------------------------------------------------------------------------- modes
@@ -244,12 +320,11 @@ def evaluate(task: Task, model: nn.Module, batch: int) -> tuple[float, float]:
     loss = correct = 0.0
     with torch.no_grad():
         for start in range(0, len(task.test_y), batch):
-            logits = task.forward(model, task.test_x[start:start + batch])
-            y = task.test_y[start:start + batch]
-            loss += F.cross_entropy(logits, y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
+            x, y = task.test_x[start:start + batch], task.test_y[start:start + batch]
+            loss += task.loss(model, x, y, reduction="sum").item()
+            correct += (task.forward(model, x).argmax(-1) == y).sum().item()
     model.train()
-    return loss / len(task.test_y), correct / len(task.test_y)
+    return loss / task.test_y.numel(), correct / task.test_y.numel()
 
 
 def train(task: Task, mode: str, epochs: int, batch: int, seed: int = 0, aq_bit: float = 0.5,
@@ -274,7 +349,7 @@ def train(task: Task, mode: str, epochs: int, batch: int, seed: int = 0, aq_bit:
             for index in bar:
                 index = index.to(task.train_y.device)
                 x, y = task.train_x[index], task.train_y[index]
-                loss = F.cross_entropy(task.forward(model, x), y)
+                loss = task.loss(model, x, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -282,7 +357,7 @@ def train(task: Task, mode: str, epochs: int, batch: int, seed: int = 0, aq_bit:
 
                 def backprop(x=x[: batch // 4], y=y[: batch // 4]):
                     optimizer.zero_grad(set_to_none=True)
-                    F.cross_entropy(task.forward(model, x), y).backward()
+                    task.loss(model, x, y).backward()
                 compression.after_step(backprop)
                 value = loss.item()
                 if not math.isfinite(value):
@@ -361,7 +436,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=sorted(TASKS), default="resnet")
     parser.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES))
-    parser.add_argument("--model", default="small", help="small / torchvision name; tiny/base/large for bert")
+    parser.add_argument("--model", default="small",
+                        help="resnet: small, tiny or a torchvision name; bert: tiny, base, large; lm: tiny, small")
     parser.add_argument("--data", default=None, help="CIFAR-10 binary folder or ImageFolder root")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=128)
@@ -371,7 +447,8 @@ def main(argv=None) -> None:
     parser.add_argument("--train-size", type=int, default=6400)
     parser.add_argument("--test-size", type=int, default=1280)
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (bert)")
+    parser.add_argument("--image-size", type=int, default=32, help="built-in image task")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")

@@ -22,7 +22,7 @@ from aqcore import Level
 from aqcore.errors import error_terms
 from aqcore.solver import allocate_bits
 
-from .packing import ZEROS, Plan, Tracer, Unit
+from .packing import ZEROS, Plan, Tracer, Unit, channel_major
 
 # Rounding noise is fresh every step, and the optimizer's momentum (m = 0.9 in SGD and Adam
 # alike) averages it over about (1 + m) / (1 - m) = 19 steps; AQ's averaging error is the
@@ -48,11 +48,14 @@ def allowed(level: Level, zeros: bool) -> bool:
 def tensor_errors(x: torch.Tensor, levels: Sequence[Level], group_size: int,
                   zeros: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(expected squared error, its deterministic part) of storing x at each level: 0 for
-    levels kept as is, inf for levels it may not take (allowed)."""
-    rows = x.detach().reshape(1, -1)
-    quantized = tuple(l for l in levels if allowed(l, zeros) and not l.is_raw)
-    deviation, rounding = error_terms(rows, group_size, quantized)
-    measured = dict(zip(quantized, zip((deviation + rounding)[0].tolist(), deviation[0].tolist())))
+    levels kept as is, inf for levels it may not take (allowed). Plain levels group x in
+    its memory order, AQ levels in packing.channel_major order, as the packer stores them."""
+    x = x.detach()
+    measured = {}
+    for aq, rows in ((False, aqcore.sample_rows(x).reshape(1, -1)), (True, channel_major(x).reshape(1, -1))):
+        quantized = tuple(l for l in levels if allowed(l, zeros) and not l.is_raw and l.is_aq == aq)
+        deviation, rounding = error_terms(rows, group_size, quantized)
+        measured.update(zip(quantized, zip((deviation + rounding)[0].tolist(), deviation[0].tolist())))
     return tuple(np.array([0.0 if level.is_raw else measured.get(level, (np.inf, np.inf))[part]
                            for level in levels]) for part in (0, 1))
 

@@ -125,6 +125,7 @@ class Unit:
     level: Optional[Level]
     data: "CompressedTensor | Swapped"
     scale: float = 1.0          # SCALED_MASK: the nonzero value
+    memory_format: Optional[torch.memory_format] = None  # stored in logical order (AQ)
 
     @property
     def nbytes(self) -> int:
@@ -139,6 +140,8 @@ class Unit:
         x = aqcore.decompress(ct)
         if self.kind == SCALED_MASK:
             return x.to(self.dtype) * self.scale
+        if self.memory_format is not None:
+            return x.contiguous(memory_format=self.memory_format)
         return x
 
 
@@ -280,11 +283,29 @@ class Packer:
             if self.compress and (x.numel() >= self.min_numel or self.plan.measures):
                 level = self.plan.level(tid, x, kind == ZEROS)
                 level = aqcore.zero_safe(level) if kind == ZEROS else level
-            ct = aqcore.compress(x, level, seed=self.plan.seed(tid), group_size=self.group_size)
+            source, memory_format = (channel_major(x), _layout(x)) if level.is_aq else (x, None)
+            ct = aqcore.compress(source, level, seed=self.plan.seed(tid), group_size=self.group_size)
             self.seen.append(x.shape)
             self.kinds.append(kind)
         data = self.swapper.offload(ct) if self.swapper is not None else ct
-        return Unit(tid, kind, x.shape, x.dtype, level, data, scale)
+        return Unit(tid, kind, x.shape, x.dtype, level, data, scale, memory_format)
+
+
+def _layout(x: torch.Tensor) -> Optional[torch.memory_format]:
+    """The channels-last format x is in (channels innermost in memory), or None."""
+    if x.is_contiguous():
+        return None
+    for dims, layout in ((4, torch.channels_last), (5, torch.channels_last_3d)):
+        if x.dim() == dims and x.is_contiguous(memory_format=layout):
+            return layout
+    return None
+
+
+def channel_major(x: torch.Tensor) -> torch.Tensor:
+    """x in the order AQ averages: channels-last tensors copied to their logical order, so
+    that a run is neighbouring positions of one channel (in memory order it would mix
+    neighbouring channels: measured 10x the error); others as they are."""
+    return x.contiguous() if _layout(x) is not None else x
 
 
 def _dedup_key(x: torch.Tensor) -> tuple:

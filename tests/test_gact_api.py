@@ -396,3 +396,20 @@ def test_iterate_needs_backprop_and_something_to_compress():
     with Controller(tiny) as ctl:
         with pytest.raises(ValueError, match="nothing to compress"):
             ctl.iterate(lambda: tiny(torch.randn(2, 4)).sum().backward())
+
+
+def test_aq_averages_neighbouring_positions_in_channels_last_too():
+    """A channels-last activation at an AQ level is averaged over neighbouring positions of
+    each channel (its logical order), like the same activation in NCHW: the gradients of
+    the two layouts agree; averaged in memory order, runs would mix neighbouring channels."""
+    model, x, y = cnn_problem()
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        model = model.to(memory_format=layout)
+        gact_aq.set_optimization_level("L1.2", bit=0.5, aq_bit=0.5)
+        with Controller(model):
+            backprop_fn(model, x.contiguous(memory_format=layout), y)()
+        results.append(torch.cat([g.flatten() for g in grads(model)]))
+    exact = torch.cat([g.flatten() for g in _exact(backprop_fn(model, x, y), model)])
+    assert torch.allclose(results[0], results[1], rtol=1e-3, atol=1e-4 * exact.abs().max())
+    assert (results[0] - exact).norm() > 0.01 * exact.norm()  # AQ really averaged
