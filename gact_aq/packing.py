@@ -271,7 +271,7 @@ class Packer:
         return self.compress or self.swapper is not None
 
     def _make_unit(self, x: torch.Tensor, kind: str, scale: float) -> Unit:
-        tid, level = None, None
+        tid, level, memory_format = None, None, None
         if kind == MASK:
             ct = aqcore.pack_mask(x)
         elif kind == SCALED_MASK:
