@@ -90,6 +90,7 @@ class Measurement(Tracer):
         self.group_size = group_size
         self.shapes: list[tuple[int, ...]] = []
         self.zeros = np.zeros(0, dtype=bool)
+        self.derived_numel = 0
         self.errors = np.zeros((0, len(self.ladder)))   # expected squared error
         self.priced = np.zeros((0, len(self.ladder)))   # what the allocation weighs (priced)
         self._errors: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -99,9 +100,11 @@ class Measurement(Tracer):
             self._errors[unit.tid] = tensor_errors(x, self.ladder, self.group_size,
                                                    unit.kind == ZEROS)
 
-    def finish(self, seen: Sequence[torch.Size], kinds: Sequence[str]) -> None:
-        """seen, kinds: the pass's float-unit shapes and kinds by tensor id (Packer)."""
+    def finish(self, seen: Sequence[torch.Size], kinds: Sequence[str], derived_numel: int = 0) -> None:
+        """seen, kinds: the pass's float-unit shapes and kinds by tensor id; derived_numel:
+        the values it recomputes instead of storing (Packer)."""
         self.shapes = [tuple(shape) for shape in seen]
+        self.derived_numel = derived_numel
         self.zeros = np.array([kind == ZEROS for kind in kinds], dtype=bool)
         if seen:
             errors, bias = (np.stack(part) for part in zip(*(self._errors[tid] for tid in range(len(seen)))))

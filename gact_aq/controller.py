@@ -155,7 +155,9 @@ class Controller:
         variance = np.where(barred, np.inf, variance)
         cheapest = np.where(np.isfinite(variance), [l.bits_per_value for l in ladder], np.inf).min(1)
         sizes = np.asarray(measurement.numels, dtype=np.float64)
-        bit = max(self.config.bit, float(sizes @ cheapest / sizes.sum()))
+        # the target counts every saved value, the recomputed ones too (at 0 bits)
+        bit = self.config.bit * (sizes.sum() + measurement.derived_numel) / sizes.sum()
+        bit = max(bit, float(sizes @ cheapest / sizes.sum()))
         self.levels = allocate(measurement.numels, variance, ladder, bit)
         self.packer.plan = self._training_plan()
 

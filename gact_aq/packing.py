@@ -14,6 +14,9 @@ and what we changed):
   output is kept exact (its backward exponentiates it: an error e scales a probability
   by exp(e)), and a fused attention's output and normalizer are recomputed from its
   stored q, k, v in backward instead of stored (attention.py);
+* an activation that is a cheap function of what its producer saves (a LayerNorm, GELU,
+  SiLU, BatchNorm output, a product) is not stored but recomputed when its consumer's
+  backward needs it (derived.py);
 * bool tensors (dropout masks on CUDA) and, on CPU, two-valued {0, c} float tensors that do
   not require grad (CPU dropout saves its mask as floats) are packed at 1 bit, losslessly;
 * everything else is kept as it is: parameters, buffers and views or casts of them (autocast's
@@ -39,7 +42,8 @@ from torch.multiprocessing.reductions import StorageWeakRef
 import aqcore
 from aqcore import CompressedTensor, Level
 
-from . import attention
+from . import attention, derived
+from .derived import Derived
 from .swap import Swapped, Swapper
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -193,6 +197,7 @@ class Packer:
         self.seen: list[torch.Size] = []         # shapes of this pass's float units, by tid
         self.units: "weakref.WeakSet[Unit]" = weakref.WeakSet()
         self.kinds: list[str] = []               # FLOAT or ZEROS of this pass's units, by tid
+        self.derived_numel = 0                   # values of this pass recomputed, not stored
         self._dedup: "weakref.WeakValueDictionary" = weakref.WeakValueDictionary()
         self._next_tid = 0
         self._backward_seen = False
@@ -207,6 +212,7 @@ class Packer:
         self._backward_seen = False
         self.seen = []
         self.kinds = []
+        self.derived_numel = 0
         self._dedup = weakref.WeakValueDictionary()
         self._attention = attention.Rebuild()
 
@@ -224,9 +230,19 @@ class Packer:
             key = _dedup_key(x)
             unit = self._dedup.get(key)
             if unit is None:
-                unit, new = self._make_unit(x, kind, scale), True
+                producer = derived.producer_of(x) if kind in FLOAT_KINDS and self.compress else None
+                if producer is not None:
+                    unit = Derived(producer, x)
+                    self.derived_numel += x.numel()
+                else:
+                    unit = self._make_unit(x, kind, scale)
+                    self.units.add(unit)
+                new = True
                 self._dedup[key] = unit
-                self.units.add(unit)
+            if isinstance(unit, Derived):
+                if self.tracer is not None:
+                    self.tracer.on_pack(x, None, False)
+                return unit
         if self.tracer is not None:
             self.tracer.on_pack(x, unit, new)
         if unit is None:
@@ -257,6 +273,8 @@ class Packer:
     def _restore(self, packed) -> torch.Tensor:
         if isinstance(packed, torch.Tensor):
             return packed
+        if isinstance(packed, Derived):
+            return packed.value()
         if isinstance(packed, Recomputed):
             raise RuntimeError("gact_aq: a fused attention output was unpacked outside its "
                                "own backward node")
@@ -289,6 +307,17 @@ class Packer:
             self.kinds.append(kind)
         data = self.swapper.offload(ct) if self.swapper is not None else ct
         return Unit(tid, kind, x.shape, x.dtype, level, data, scale, memory_format)
+
+
+def held_units(packed) -> list[Unit]:
+    """The units a packed object reads when restored (a derived tensor: its sources')."""
+    if isinstance(packed, tuple):
+        packed = packed[0]
+    if isinstance(packed, Unit):
+        return [packed]
+    if isinstance(packed, Derived):
+        return [unit for source in packed.sources for unit in held_units(source)]
+    return []
 
 
 def _layout(x: torch.Tensor) -> Optional[torch.memory_format]:

@@ -54,7 +54,7 @@ import aqcore
 from aqcore import Level
 
 from .autoprec import Measurement
-from .packing import ZEROS, Unit
+from .packing import ZEROS, Unit, held_units
 
 Grads = tuple[Optional[torch.Tensor], ...]
 
@@ -195,10 +195,7 @@ class Propagation(Measurement):
         for name in names:
             slots = getattr(node, name)
             for slot in slots if isinstance(slots, (tuple, list)) else (slots,):
-                packed = slot.data
-                unit = packed[0] if isinstance(packed, tuple) else packed
-                if isinstance(unit, Unit) and unit.tid is not None:
-                    held.add(unit.tid)
+                held.update(unit.tid for unit in held_units(slot.data) if unit.tid is not None)
         return held
 
     # ------------------------------------------------------------------ result

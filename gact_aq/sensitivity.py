@@ -43,7 +43,7 @@ def probe(ctl: "Controller", prober: Prober, ladder: Sequence[Level]):
     """
     m = Measurement(ladder, ctl.config.group_size)
     ctl.run_pass(prober, {}, pass_id=1, tracer=m)
-    m.finish(ctl.packer.seen, ctl.packer.kinds)
+    m.finish(ctl.packer.seen, ctl.packer.kinds, ctl.packer.derived_numel)
     sensitivity = np.zeros(len(m.numels))
     for tid in tqdm(range(len(m.numels)), desc="gact_aq probe", leave=False, disable=None):
         g0 = ctl.run_pass(prober, {tid: ONE_BIT}, pass_id=2 + 3 * tid)
@@ -74,7 +74,7 @@ def propagate(ctl: "Controller", prober: Prober, ladder: Sequence[Level]):
                          lambda tid: ctl.seed_for(pass_id=1, tid=tid))
     with tracer.watching(ctl.module):
         ctl.run_pass(prober, {}, pass_id=1, tracer=tracer)
-    tracer.finish(ctl.packer.seen, ctl.packer.kinds)
+    tracer.finish(ctl.packer.seen, ctl.packer.kinds, ctl.packer.derived_numel)
     if tracer.measured_nothing:
         tracer.sensitivities()
         warnings.warn("gact_aq: no tensor could be measured by propagation; using the "

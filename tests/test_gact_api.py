@@ -413,3 +413,43 @@ def test_aq_averages_neighbouring_positions_in_channels_last_too():
     exact = torch.cat([g.flatten() for g in _exact(backprop_fn(model, x, y), model)])
     assert torch.allclose(results[0], results[1], rtol=1e-3, atol=1e-4 * exact.abs().max())
     assert (results[0] - exact).norm() > 0.01 * exact.norm()  # AQ really averaged
+
+
+def test_cheap_functions_of_saved_tensors_are_recomputed_not_stored():
+    """A LayerNorm output saved by the next linear layer, a GELU output saved by the one
+    after it and a SwiGLU product are recomputed from what their producers store: not held,
+    and at 32 bits the gradients are the exact ones; the bits they would have taken go to
+    the stored tensors (the target counts every saved value)."""
+    torch.manual_seed(0)
+    norm, up, gate, down = nn.LayerNorm(64), nn.Linear(64, 128), nn.Linear(64, 128), nn.Linear(128, 64)
+    model = nn.ModuleList([norm, up, gate, down])
+    x = torch.randn(8, 32, 64, requires_grad=True)
+
+    def forward():
+        h = norm(x * 2)
+        return down(nn.functional.gelu(up(h)) * nn.functional.silu(gate(h)))
+
+    def backprop():
+        model.zero_grad()
+        forward().square().sum().backward()
+
+    exact = [g.clone() for g in _exact(backprop, model)]
+    gact_aq.set_optimization_level("L1", bit=32)
+    with Controller(model) as ctl:
+        model.zero_grad()
+        out = forward()
+        shapes = sorted(r.shape for r in ctl.report().rows)
+        out.square().sum().backward()
+    assert all(torch.equal(a, b) for a, b in zip(grads(model), exact))
+    # stored: the LayerNorm input, up's and gate's outputs (GELU / SiLU inputs); recomputed:
+    # the LayerNorm output (up / gate inputs), GELU and SiLU outputs, their product (down's input)
+    assert shapes == [(8, 32, 64), (8, 32, 128), (8, 32, 128)]
+    gact_aq.set_optimization_level("L2.2", bit=2)
+    with Controller(model) as ctl:
+        backprop()
+        ctl.iterate(backprop)
+        out = forward()
+        held = ctl.report().nbytes
+        out.square().sum().backward()
+    every_saved_value = 8 * 32 * (64 + 64 + 128 * 5)
+    assert 1.8 * every_saved_value / 8 < held <= 2.2 * every_saved_value / 8  # codes + metadata

@@ -28,7 +28,7 @@ def adapted(model, backprop, method, **budget):
     return ctl
 
 
-def allocation_variance(model, backprop, ctl, steps=16):
+def allocation_variance(model, backprop, ctl, steps=64):
     """The gradient error the allocation minimises, measured over `steps` compressed steps
     with ctl's levels (the same rounding seeds for any allocation: common random numbers):
     the per-step noise ||g - mean g||^2 plus BIAS_WEIGHT times the bias ||mean g - exact||^2
