@@ -53,7 +53,10 @@ def fill_zeros(rows: torch.Tensor, k: int) -> torch.Tensor:
     runs = math.ceil(n / k)
     padded = torch.nn.functional.pad(rows.float(), (0, runs * k - n)).view(n_rows, runs, k)
     nonzero = padded != 0
-    means = padded.sum(-1, keepdim=True) / nonzero.sum(-1, keepdim=True).clamp_min(1)
+    total = padded[:, :, 0]
+    for j in range(1, k):  # left to right, as average_runs: the same sums on every device
+        total = total + padded[:, :, j]
+    means = total.unsqueeze(-1) / nonzero.sum(-1, keepdim=True).clamp_min(1)
     return torch.where(nonzero, padded, means).view(n_rows, -1)[:, :n]
 
 

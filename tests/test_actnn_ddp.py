@@ -53,6 +53,8 @@ def _worker(rank, port, out_dir):
             torch.save(dict(y=y, gx=gx, grads=[p.grad for p in model.parameters()],
                             buffers=[b.clone() for b in model.buffers()]),
                        os.path.join(out_dir, f"{level}-{rank}.pt"))
+            del ddp
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
