@@ -20,18 +20,43 @@ to the variance of the parameter gradients:
   normalized output adds far more, as the source's sum is coherent (InputNoise).
   Propagation further down is left out: benchmark/actnn_resnet_bytes.py compares.
 
+Averaging (AQ levels) is priced with two corrections on top (Observation.level_factor):
+
+- run_gain: one AQ code's rounding error is shared by the k values of its run. Along a
+  conv's spatial axis those k inputs meet k / stride neighbouring outputs of the same
+  weight, so the error adds coherently where the output gradient is smooth: the factor
+  ||g summed over runs||^2 / ||g||^2 (on a small ResNet's convs this factor is 1.0-2.9x
+  where run-shared noise measured 1.0-2.2x; applied to the whole AQ error, so the
+  deviation, a bias, pays it too).
+- the deviation of a batch norm's input: its input gradient holds -kappa_c (x - mean_c),
+  kappa_c = w invstd^2 mean(g xhat); averaging moves that by -kappa_c d, d = x -
+  runmean(x), a deterministic field coherent with the activations that made x. The
+  independent-noise model priced a last-stage batch norm of a small ResNet at AQ 0.5 at
+  0.6e-3 of ||grad||^2 against 29e-3 measured, and every batch norm went to AQ. So it is
+  measured: when the batch norm's input is the output of a conv/linear (the source),
+  the source's weight gradient of d (source_grad_sq, on measuring passes, with the
+  source's exact input) gives the error kappa_c^2 ||G_c(d)||^2 per output channel c;
+  DEEPER_GAIN adds the layers below the source. Measured one batch norm at a time on a
+  small ResNet (runs of 2 and 4, after 40 and 100 steps): the source term holds 4-48% of
+  the whole gradient error in NCHW (median ~30% at step 100, 13% at step 40) and 20-160%
+  in channels_last, where runs average across channels: priced within ~0.3-4x, where
+  the independent-noise model was 5-90x low.
+
 Against measured single-layer compression on a small trained ResNet, conv/linear
-predictions land within 0.6-1.7x at 2 bits and 1.1-4x low at AQ levels (averaging errors
-sit where the gradients are); batch norms stay 2-8x low at 2 bits and 6-15x at AQ levels
-(coherence is only estimated, deeper propagation left out): a model that ranks layers,
-not a bound.
+predictions land within 0.6-1.7x at 2 bits; batch norms stay 2-8x low at 2 bits (deeper
+propagation left out): a model that ranks layers, not a bound.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
+
+import aqcore
+
+DEEPER_GAIN = 2.0  # whole gradient error of a batch norm's deviation / its source term
 
 
 def conv_coef(kernel_numel: int, groups: int, in_positions: int) -> float:
@@ -71,6 +96,15 @@ class InputNoise:
     independent: torch.Tensor
     along_output: torch.Tensor | None = None
     inv_var: torch.Tensor | None = None
+    coherent: torch.Tensor | None = None  # (C,) kappa_c^2 of a batch norm (deviation_price)
+
+    def deviation_price(self, source_grad_sq: torch.Tensor) -> torch.Tensor | None:
+        """(K,) what averaging the input (K ways) adds to the gradients, from source_grad_sq
+        (K, C): ||G_c(d)||^2, the source's weight gradient of each way's deviation per output
+        channel (module docstring). None without a batch norm's kappa or a matching source."""
+        if self.coherent is None or source_grad_sq.shape[-1] != self.coherent.shape[0]:
+            return None
+        return DEEPER_GAIN * (self.coherent.to(source_grad_sq) * source_grad_sq).sum(-1)
 
     def propagated(self, fan: float, mean_sq: "float | torch.Tensor",
                    out_sq: torch.Tensor | None) -> torch.Tensor:
@@ -99,7 +133,8 @@ def batch_norm_noise(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invst
                      count: float | None = None) -> InputNoise:
     """grad_x = w invstd (g - mean(g) - xhat m), m = mean(g xhat). An input error d (energy
     e per channel) moves xhat by invstd d: an independent term -w invstd^2 m d, so
-    u = w^2 invstd^4 m^2; and m by r = invstd mean(g d), variance invstd^2 mean(g^2) e / M^2,
+    u = w^2 invstd^4 m^2 (kappa^2, also deviation_price's); and m by r = invstd mean(g d),
+    variance invstd^2 mean(g^2) e / M^2,
     a term -w invstd r xhat: v_c = w^2 invstd^4 mean(g^2) / M^2 * M^2 (InputNoise.propagated
     brings the M^2 and the rest). Channel means. sum_dy_xmu / count: the (all-reduced) sums
     of a synchronised batch norm."""
@@ -111,9 +146,10 @@ def batch_norm_noise(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invst
     inv_var = invstd.float().square()
     m = sum_dy_xmu * invstd / count
     scale = (weight.float().square() if weight is not None else 1.0) * inv_var
-    u = (scale * inv_var * m.square()).mean()
+    kappa_sq = scale * inv_var * m.square()
     v = scale * inv_var * gf.square().mean(dims)
-    return InputNoise(u.double().expand(x.shape[0]), v.double(), inv_var.double())
+    return InputNoise(kappa_sq.mean().double().expand(x.shape[0]), v.double(), inv_var.double(),
+                      kappa_sq.double())
 
 
 def layer_norm_noise(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
@@ -145,3 +181,36 @@ def silu_noise(g: torch.Tensor, x: torch.Tensor) -> InputNoise:
     s = torch.sigmoid(x)
     second = s * (1 - s) * (2 + x * (1 - 2 * s))
     return InputNoise(_per_sample((g.float() * second).square(), x.shape[0] if x.dim() > 1 else 1))
+
+
+def deviation(x: torch.Tensor, run: int) -> torch.Tensor:
+    """x - runmean(x), float32, shaped and laid out like x: what averaging runs of `run`
+    values in x's memory order (aqcore's rows of a per-sample allocation) takes away; a
+    row's values after its last whole run count 0."""
+    rows = aqcore.sample_rows(x.detach())
+    field = torch.empty_like(x, dtype=torch.float32)
+    view = aqcore.sample_rows(field)
+    if view.data_ptr() != field.data_ptr():  # a layout sample_rows reads in contiguous order
+        field = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+        view = field.view(x.shape[0], -1)
+    whole = rows.shape[1] - rows.shape[1] % run
+    view[:, whole:] = 0
+    runs = rows[:, :whole].float().unflatten(1, (whole // run, run))
+    view[:, :whole] = (runs - runs.mean(-1, keepdim=True)).flatten(1)
+    return field
+
+
+def run_gain(g: torch.Tensor, runs: Sequence[int], stride: int) -> torch.Tensor:
+    """(len(runs),) float64: ||g summed over runs of max(k // stride, 1) along its last dim||^2
+    / ||g||^2, at least 1: how much more an error shared by k consecutive inputs along a
+    conv's last spatial dim adds to the weight gradient than independent errors (module
+    docstring). g: the output gradient (N, C_out, ..., W_out)."""
+    gains = []
+    for k in runs:
+        span = max(k // stride, 1)
+        whole = g.shape[-1] - g.shape[-1] % span
+        kept = g[..., :whole].float()
+        summed = kept.unflatten(-1, (whole // span, span)).sum(-1)
+        total = kept.square().sum(dtype=torch.float64).clamp_min(1e-300)
+        gains.append(summed.square().sum(dtype=torch.float64) / total)
+    return torch.stack(gains).clamp_min(1.0)

@@ -31,7 +31,7 @@ class _QBatchNorm(QLayer):
             return super().forward(input)
         self._check_input_dim(input)
         momentum = self._track_batch()
-        plan, obs = self.aq_scheme.plan(input)
+        plan, obs = self.aq_scheme.plan(input, batch_norm=True)
         return BatchNormFunction.apply(input, self.weight, self.bias, *self._running(), momentum, self.eps,
                                        plan, obs)
 
@@ -80,7 +80,7 @@ class QSyncBatchNorm(_QBatchNorm, _BatchNorm):
         self._check_non_zero_input_channels(input)
         momentum = self._track_batch()
         training_step = self._training_step(input, self.weight, self.bias)
-        plan, obs = self.aq_scheme.plan(input) if training_step else (EXACT, None)
+        plan, obs = self.aq_scheme.plan(input, batch_norm=True) if training_step else (EXACT, None)
         return SyncBatchNormFunction.apply(input, self.weight, self.bias, *self._running(), momentum, self.eps,
                                            group, plan, obs)
 
