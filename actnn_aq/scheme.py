@@ -20,8 +20,9 @@ sample n at a level (aqcore.level_errors, DESIGN.md section 5), C_n its sensitiv
 - Before any backward: S_n = 1 and every layer at the target, so the error model alone
   decides (never the all-zero sensitivities of the original's first iterations).
 - AQ levels pay what the independent-noise model misses (sensitivity.py): rounding shared
-  along a conv's spatial runs (run_gain) and a batch norm's averaging bias, which its
-  input gradient carries coherently into the layers below (deviation_price; measured
+  along a conv's spatial runs (run_gain), the mean over positions that runs across
+  channels leave in the deviation (mean_deviation_price), and a batch norm's averaging
+  bias, which its input gradient carries coherently into the layers below (deviation_price; measured
   every MEASURE_EVERY-th re-allocation through the source conv/linear's weight gradient
   of the deviation). Each re-allocation turns them into per-level factors on the layer's
   errors (level_factor), used by that allocation and by the layer's per-sample
@@ -67,19 +68,23 @@ class Observation:
         self.grad_sq: torch.Tensor | None = None  # (N,) ||g_n||^2, NaN where not finite
         self.noise: InputNoise | None = None
         self.run_gain: torch.Tensor | None = None  # convs: (AQ levels,) sensitivity.run_gain
+        self.price: torch.Tensor | None = None  # (AQ levels,) coherent AQ error, on top
 
     def backward(self, grad_output: torch.Tensor,
                  noise: Callable[[], InputNoise] | None = None,
-                 gain: Callable[[], torch.Tensor] | None = None) -> None:
+                 gain: Callable[[], torch.Tensor] | None = None,
+                 price: Callable[[], torch.Tensor] | None = None) -> None:
         """Record ||g_n||^2, and (re-allocation passes) how the input error reaches the
-        input gradient and how much more shared AQ rounding costs: noise() and gain()
-        compute those, only when needed."""
+        input gradient, how much more shared AQ rounding costs and the coherent part of
+        the AQ deviation (sensitivity.py): noise(), gain() and price() compute those, only
+        when needed."""
         g = grad_output.detach()
         sq = g.reshape(g.shape[0], -1).float().square().sum(1) if g.dim() > 1 else \
             g.float().square().sum().reshape(1)
         self.grad_sq = torch.where(torch.isfinite(sq), sq, torch.nan)
         self.noise = noise() if noise is not None and self.full else None
         self.run_gain = gain() if gain is not None and self.full else None
+        self.price = price() if price is not None and self.full else None
         self.scheme.observed.append(self)
         self.scheme.controller.backward_running()
 
@@ -92,16 +97,19 @@ class Observation:
 
     def level_factor(self, weighted: torch.Tensor) -> torch.Tensor:
         """(levels,) multipliers on C_n e_n(l) (weighted, (N, levels)): 1 for plain levels;
-        for AQ levels the run gain, plus a batch norm's deviation price over what the
-        model gives those rows (sensitivity.py). Device ops."""
+        for AQ levels the run gain, plus the coherent prices (a batch norm's deviation, a
+        weighted layer's mean deviation) over what the model gives those rows
+        (sensitivity.py). Device ops."""
         aq = sum(level.is_aq for level in self.scheme.controller.ladder)
         factor = weighted.new_ones(weighted.shape[1], dtype=torch.float64)
         if not aq:
             return factor.float()
         gain = factor.new_ones(aq) if self.run_gain is None else self.run_gain.to(factor)
-        price = None
+        price = self.price
         if self.noise is not None and self.scheme.source_grad_sq is not None:
-            price = self.noise.deviation_price(self.scheme.source_grad_sq)
+            deviation = self.noise.deviation_price(self.scheme.source_grad_sq)
+            if deviation is not None:
+                price = deviation if price is None else price + deviation
         if price is not None:
             gain = gain + price.to(factor) / weighted[:, -aq:].double().sum(0).clamp_min(1e-30)
         factor[-aq:] = torch.nan_to_num(gain, nan=1.0, posinf=1e30).clamp(1.0, 1e30)

@@ -100,11 +100,15 @@ def _trained_cnn():
     return model, data[:64], labels[:64]
 
 
-def _priced_and_measured(name: str, level: str, monkeypatch) -> tuple[float, float]:
+def _priced_and_measured(name: str, level: str, monkeypatch, channels_last: bool = False
+                         ) -> tuple[float, float]:
     """What the per-layer split prices layer `name` at `level` (the weighted errors it hands
     the allocator, summed over the batch), and the squared gradient error measured with
     only that layer's input stored at that level (4 rounding seeds)."""
     model, x, y = _trained_cnn()
+    if channels_last:
+        model = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     exact = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
     actnn_aq.set_optimization_level("L3", bit=8, aq_bit=0.5)
     q = actnn_aq.QModule(copy.deepcopy(model))
@@ -147,3 +151,15 @@ def test_conv_averaging_is_priced_like_measured(name, monkeypatch):
     the convs' AQ 0.5 was priced up to 2x low, now within 1.5x."""
     priced, measured = _priced_and_measured(name, "aq0.5", monkeypatch)
     assert 1 / 1.5 < measured / priced < 1.5
+
+
+@pytest.mark.parametrize("name, within", [("3", 2.5), ("6", 1.5), ("11", 1.5)])
+def test_channels_last_averaging_is_priced_like_measured(name, within, monkeypatch):
+    """channels_last runs average across channels: each channel's deviation keeps a mean
+    over positions, coherent with the output gradient's sum over positions
+    (sensitivity.mean_deviation_price). The convs' AQ 0.5 was priced 1.8-2.2x low and the
+    classifier's (a linear layer: runs across features) 3.3x low; now "6" and "11" are
+    within 1.5x, and "3" within 2.5x (priced 2.4x high: its positions' fluctuations
+    partly cancel the mean's term)."""
+    priced, measured = _priced_and_measured(name, "aq0.5", monkeypatch, channels_last=True)
+    assert 1 / within < measured / priced < within

@@ -15,7 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from ..saved import Packed, Plan
 from ..scheme import Observation
-from ..sensitivity import run_gain
+from ..sensitivity import mean_deviation, mean_deviation_price, run_gain
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -75,8 +75,13 @@ class ConvFunction(torch.autograd.Function):
         _keep(ctx, x, plan, weight)
         ctx.spec, ctx.obs = spec, obs
         ctx.along_last = not spec.transposed and _innermost_is_last(x)
-        if obs is not None and obs.measure and not spec.transposed:
-            obs.scheme.controller.offer(y, _conv_weight_grad(spec, x.detach(), weight.detach()))
+        ctx.means = None  # runs across channels: the deviation's means (sensitivity.py)
+        if obs is not None and obs.full and not spec.transposed:
+            runs = _aq_runs(obs)
+            if runs and not ctx.along_last:
+                ctx.means = mean_deviation(x, runs, 1, spec.groups)
+            if obs.measure:
+                obs.scheme.controller.offer(y, _conv_weight_grad(spec, x.detach(), weight.detach()))
         ctx.bias_sizes = None if bias is None else list(bias.shape)
         ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return y
@@ -88,7 +93,11 @@ class ConvFunction(torch.autograd.Function):
         spec = ctx.spec
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if ctx.obs is not None:
-            ctx.obs.backward(grad_out, gain=_gain(ctx, grad_out) if ctx.along_last else None)
+            price = None
+            if ctx.means is not None:
+                kernel = weight[0, 0].numel()
+                price = lambda: mean_deviation_price(grad_out, ctx.means, 1, kernel, spec.groups)
+            ctx.obs.backward(grad_out, gain=_gain(ctx, grad_out) if ctx.along_last else None, price=price)
         dtype = grad_out.dtype
         with torch.autocast(grad_out.device.type, enabled=False):
             if ctx.held is not None:
@@ -132,9 +141,13 @@ def _innermost_is_last(x: torch.Tensor) -> bool:
     return x.dim() > 2 and bool(sized) and min(sized, key=lambda d: x.stride(d)) == x.dim() - 1
 
 
+def _aq_runs(obs: Observation) -> list[int]:
+    return [level.avg for level in obs.scheme.controller.ladder if level.is_aq]
+
+
 def _gain(ctx, grad_out: torch.Tensor):
     """The run gain of the ladder's AQ levels (sensitivity.run_gain), computed on demand."""
-    runs = [level.avg for level in ctx.obs.scheme.controller.ladder if level.is_aq]
+    runs = _aq_runs(ctx.obs)
     if not runs:
         return None
     return lambda: run_gain(grad_out.detach(), runs, ctx.spec.stride[-1])
@@ -152,6 +165,8 @@ class LinearFunction(torch.autograd.Function):
         y = F.linear(x, weight, bias)
         _keep(ctx, x, plan, weight)
         ctx.obs = obs
+        runs = _aq_runs(obs) if obs is not None and obs.full and x.dim() > 1 else []
+        ctx.means = mean_deviation(x, runs, -1) if runs else None  # runs cross the features
         if obs is not None and obs.measure:
             obs.scheme.controller.offer(y, _linear_weight_grad(x.detach()))
         ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
@@ -163,7 +178,10 @@ class LinearFunction(torch.autograd.Function):
         kept, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if ctx.obs is not None:
-            ctx.obs.backward(grad_out)
+            price = None
+            if ctx.means is not None:
+                price = lambda: mean_deviation_price(grad_out, ctx.means, -1, 1)
+            ctx.obs.backward(grad_out, price=price)
         dtype = grad_out.dtype
         g = grad_out.reshape(-1, grad_out.shape[-1])
         gx = gw = gb = None
