@@ -132,13 +132,16 @@ class LayerScheme:
         self.observed: list[Observation] = []
 
     def plan(self, x: torch.Tensor, fan: float | None = None, weight: torch.Tensor | None = None,
-             batch_norm: bool = False) -> tuple[Plan, Observation | None]:
+             batch_norm: bool = False, produced: torch.Tensor | None = None,
+             channel_scale: torch.Tensor | None = None) -> tuple[Plan, Observation | None]:
         """How to store this call's input x, and the observation its backward fills in.
         Weighted layers (conv/linear) give their fan_in and weight; batch norms say so
-        (their averaging deviation is recorded on re-allocation passes; see sensitivity.py)."""
+        (their averaging deviation is measured on some re-allocation passes; see
+        sensitivity.py), and when x is their normalized input, the input as produced and
+        the per-channel scale back to it (1 / invstd)."""
         cfg = self.controller.config
         self.calls += 1
-        source = self.controller.take_offer(x)
+        source = self.controller.take_offer(x if produced is None else produced)
         if not cfg.compress or x.numel() == 0:
             return Plan(swap=cfg.swap), None
         seed = self.controller.seed(self.index, self.calls)
@@ -159,7 +162,8 @@ class LayerScheme:
             obs.source = self.controller.last_weighted
         runs = [level.avg for level in self.controller.ladder if level.is_aq]
         if batch_norm and obs.measure and source is not None and runs and x.dim() > 1:
-            self.source_grad_sq = torch.stack([source(deviation(x, k)).flatten(1).float().square().sum(1)
+            scale = 1.0 if channel_scale is None else channel_scale.view((1, -1) + (1,) * (x.dim() - 2))
+            self.source_grad_sq = torch.stack([source(deviation(x, k) * scale).flatten(1).float().square().sum(1)
                                                for k in runs])
         if self.level_factor is not None:
             errors = errors * self.level_factor.to(errors.device)

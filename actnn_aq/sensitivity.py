@@ -139,14 +139,16 @@ class InputNoise:
 
 def batch_norm_noise(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
                      weight: torch.Tensor | None, sum_dy_xmu: torch.Tensor | None = None,
-                     count: float | None = None) -> InputNoise:
+                     count: float | None = None, normalized: bool = False) -> InputNoise:
     """grad_x = w invstd (g - mean(g) - xhat m), m = mean(g xhat). An input error d (energy
     e per channel) moves xhat by invstd d: an independent term -w invstd^2 m d, so
     u = w^2 invstd^4 m^2 (kappa^2, also deviation_price's); and m by r = invstd mean(g d),
     variance invstd^2 mean(g^2) e / M^2,
     a term -w invstd r xhat: v_c = w^2 invstd^4 mean(g^2) / M^2 * M^2 (InputNoise.propagated
     brings the M^2 and the rest). Channel means. sum_dy_xmu / count: the (all-reduced) sums
-    of a synchronised batch norm."""
+    of a synchronised batch norm. normalized: the error is in xhat's units (what a batch norm
+    stores, ops/norm.py), one invstd^2 less; kappa^2 stays per unit of x (deviation_price
+    takes the source's gradient of the deviation in x's units)."""
     dims = [0, *range(2, x.dim())]
     gf = g.float()
     if sum_dy_xmu is None:
@@ -157,8 +159,9 @@ def batch_norm_noise(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, invst
     scale = (weight.float().square() if weight is not None else 1.0) * inv_var
     kappa_sq = scale * inv_var * m.square()
     v = scale * inv_var * gf.square().mean(dims)
-    return InputNoise(kappa_sq.mean().double().expand(x.shape[0]), v.double(), inv_var.double(),
-                      kappa_sq.double())
+    per_error = inv_var if normalized else 1.0
+    return InputNoise((kappa_sq / per_error).mean().double().expand(x.shape[0]), (v / per_error).double(),
+                      inv_var.double(), kappa_sq.double())
 
 
 def layer_norm_noise(g: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
