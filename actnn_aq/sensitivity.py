@@ -11,7 +11,8 @@ to the variance of the parameter gradients:
   gradient products; an output value meets K * C_in / groups inputs, so (g the output
   gradient, P positions per sample) Var = ||g_n||^2 * K / (groups * P_in) * e_n: ActNN's
   K / 4 / groups * Range_sqr_n * S with its own rounding constant. Norm layers scale their
-  input by invstd (rstd), so Var = ||g_n||^2 * mean(invstd^2) / F * e_n.
+  input by invstd (rstd), so Var = ||g_n||^2 * mean(invstd^2) / F * e_n; batch norms store
+  their input normalized (ops/norm.py), so their errors come in xhat units and invstd = 1.
 - propagated_n: norms and GELU/SiLU also pass the error into their input gradient, and
   that noise reaches the weight gradient of the layer that produced their input (the
   source: the last conv/linear run before them), a sum of (output gradient) x (source
@@ -20,7 +21,7 @@ to the variance of the parameter gradients:
   normalized output adds far more, as the source's sum is coherent (InputNoise).
   Propagation further down is left out: benchmark/actnn_resnet_bytes.py compares.
 
-Averaging (AQ levels) is priced with two corrections on top (Observation.level_factor):
+Averaging (AQ levels) is priced with three corrections on top (Observation.level_factor):
 
 - run_gain: one AQ code's rounding error is shared by the k values of its run. Along a
   conv's spatial axis those k inputs meet k / stride neighbouring outputs of the same
@@ -39,9 +40,8 @@ Averaging (AQ levels) is priced with two corrections on top (Observation.level_f
   DEEPER_GAIN adds the layers below the source. Measured one batch norm at a time on a
   small ResNet (runs of 2 and 4, after 40 and 100 steps): the source term holds 4-48% of
   the whole gradient error in NCHW (median ~30% at step 100, 13% at step 40) and 20-160%
-  in channels_last, where runs average across channels: priced within ~0.3-4x, where
-  the independent-noise model was 5-90x low.
-
+  in channels_last, where runs average across channels: measured / priced 0.3-13
+  (mostly 1-4), where the independent-noise model's was 5-90.
 - the mean of the deviation over positions: runs that cross channels (channels_last
   convs, linear layers' features) leave each channel of a sample a deviation with a
   mean over positions, which meets the output gradient's sum over positions the same
