@@ -19,6 +19,14 @@ sample n at a level (aqcore.level_errors, docs/errors.md), C_n its sensitivity
   through a non-blocking copy and apply from the first forward that finds the copy done.
 - Before any backward: S_n = 1 and every layer at the target, so the error model alone
   decides (never the all-zero sensitivities of the original's first iterations).
+- AQ levels pay what the independent-noise model misses (sensitivity.py): rounding shared
+  along a conv's spatial runs (run_gain), the mean over positions that runs across
+  channels leave in the deviation (mean_deviation_price), and a batch norm's averaging
+  bias, which its input gradient carries coherently into the layers below (deviation_price; measured
+  every MEASURE_EVERY-th re-allocation through the source conv/linear's weight gradient
+  of the deviation). Each re-allocation turns them into per-level factors on the layer's
+  errors (level_factor), used by that allocation and by the layer's per-sample
+  allocations until the next.
 Bits count like the fixed levels' (codes; metadata and group padding on top), converted
 to bytes per sample by aqcore.format.row_budget.
 """
@@ -34,22 +42,25 @@ import aqcore
 from aqcore.format import row_budget, slot_bytes
 
 from .saved import Allocation, Plan, seed_for
-from .sensitivity import InputNoise
+from .sensitivity import InputNoise, deviation
 from .settings import QuantizationConfig
 
 REALLOCATE_EVERY = 10  # backward passes per re-allocation: each costs a few ops per layer
+MEASURE_EVERY = 5  # re-allocations per measurement of batch norms' deviation (one weight
+#                    gradient of the source per AQ level and batch norm)
 
 
 class Observation:
     """One training call of a layer: what the allocation needs from its forward and backward."""
 
     def __init__(self, scheme: "LayerScheme", errors: torch.Tensor, sample_numel: int,
-                 indices: torch.Tensor | None, full: bool):
+                 indices: torch.Tensor | None, full: bool, measure: bool = False):
         self.scheme = scheme
         self.errors = errors  # (N, len(ladder)) float32, the activation's device
         self.sample_numel = sample_numel
         self.indices = indices  # dataset indices (use_gradient), CPU
         self.full = full  # this pass feeds a re-allocation: record the noise terms too
+        self.measure = measure  # ... and measures batch norms' deviation (Controller.offer)
         self.coef: float | torch.Tensor = 0.0  # own weight-gradient term, set by the layer
         self.fan = 0.0  # weighted layers: fan_in, mean(x^2) of their input, ||W_c||^2 per output
         self.mean_sq: float | torch.Tensor = 0.0
@@ -57,16 +68,24 @@ class Observation:
         self.source: Observation | None = None  # the weighted layer that produced this input
         self.grad_sq: torch.Tensor | None = None  # (N,) ||g_n||^2, NaN where not finite
         self.noise: InputNoise | None = None
+        self.run_gain: torch.Tensor | None = None  # convs: (AQ levels,) sensitivity.run_gain
+        self.price: torch.Tensor | None = None  # (AQ levels,) coherent AQ error, on top
 
     def backward(self, grad_output: torch.Tensor,
-                 noise: Callable[[], InputNoise] | None = None) -> None:
+                 noise: Callable[[], InputNoise] | None = None,
+                 gain: Callable[[], torch.Tensor] | None = None,
+                 price: Callable[[], torch.Tensor] | None = None) -> None:
         """Record ||g_n||^2, and (re-allocation passes) how the input error reaches the
-        input gradient: noise() computes that, only when needed."""
+        input gradient, how much more shared AQ rounding costs and the coherent part of
+        the AQ deviation (sensitivity.py): noise(), gain() and price() compute those, only
+        when needed."""
         g = grad_output.detach()
         sq = g.reshape(g.shape[0], -1).float().square().sum(1) if g.dim() > 1 else \
             g.float().square().sum().reshape(1)
         self.grad_sq = torch.where(torch.isfinite(sq), sq, torch.nan)
         self.noise = noise() if noise is not None and self.full else None
+        self.run_gain = gain() if gain is not None and self.full else None
+        self.price = price() if price is not None and self.full else None
         self.scheme.observed.append(self)
         self.scheme.controller.backward_running()
 
@@ -76,6 +95,26 @@ class Observation:
             return self.errors.new_zeros(len(self.errors))
         src = self.source
         return self.noise.propagated(src.fan, src.mean_sq, src.out_sq).float()
+
+    def level_factor(self, weighted: torch.Tensor) -> torch.Tensor:
+        """(levels,) multipliers on C_n e_n(l) (weighted, (N, levels)): 1 for plain levels;
+        for AQ levels the run gain, plus the coherent prices (a batch norm's deviation, a
+        weighted layer's mean deviation) over what the model gives those rows
+        (sensitivity.py). Device ops."""
+        aq = sum(level.is_aq for level in self.scheme.controller.ladder)
+        factor = weighted.new_ones(weighted.shape[1], dtype=torch.float64)
+        if not aq:
+            return factor.float()
+        gain = factor.new_ones(aq) if self.run_gain is None else self.run_gain.to(factor)
+        price = self.price
+        if self.noise is not None and self.scheme.source_grad_sq is not None:
+            deviation = self.noise.deviation_price(self.scheme.source_grad_sq)
+            if deviation is not None:
+                price = deviation if price is None else price + deviation
+        if price is not None:
+            gain = gain + price.to(factor) / weighted[:, -aq:].double().sum(0).clamp_min(1e-30)
+        factor[-aq:] = torch.nan_to_num(gain, nan=1.0, posinf=1e30).clamp(1.0, 1e30)
+        return factor.float()
 
 
 class LayerScheme:
@@ -90,14 +129,21 @@ class LayerScheme:
         self.share: tuple[int, int, float] | None = None
         self.grad_scale: torch.Tensor | None = None  # mean ||g_n||^2 of the last backward
         self.sample_grad: torch.Tensor | None = None  # use_gradient memory, NaN = unseen
+        self.level_factor: torch.Tensor | None = None  # (ladder,) from the last re-allocation
+        self.source_grad_sq: torch.Tensor | None = None  # batch norms: (AQ levels, C), last measured
         self.observed: list[Observation] = []
 
-    def plan(self, x: torch.Tensor, fan: float | None = None,
-             weight: torch.Tensor | None = None) -> tuple[Plan, Observation | None]:
+    def plan(self, x: torch.Tensor, fan: float | None = None, weight: torch.Tensor | None = None,
+             batch_norm: bool = False, produced: torch.Tensor | None = None,
+             channel_scale: torch.Tensor | None = None) -> tuple[Plan, Observation | None]:
         """How to store this call's input x, and the observation its backward fills in.
-        Weighted layers (conv/linear) give their fan_in and weight (see sensitivity.py)."""
+        Weighted layers (conv/linear) give their fan_in and weight; batch norms say so
+        (their averaging deviation is measured on some re-allocation passes; see
+        sensitivity.py), and when x is their normalized input, the input as produced and
+        the per-channel scale back to it (1 / invstd)."""
         cfg = self.controller.config
         self.calls += 1
+        source = self.controller.take_offer(x if produced is None else produced)
         if not cfg.compress or x.numel() == 0:
             return Plan(swap=cfg.swap), None
         seed = self.controller.seed(self.index, self.calls)
@@ -106,7 +152,7 @@ class LayerScheme:
         rows = aqcore.sample_rows(x.detach() if x.dim() > 1 else x.detach().reshape(1, -1))
         errors = aqcore.level_errors(rows, cfg.group_size, self.controller.ladder)
         obs = Observation(self, errors, rows.shape[1], self.controller.batch_indices(rows.shape[0]),
-                          self.controller.reallocating)
+                          self.controller.reallocating, self.controller.measuring)
         if fan is not None:
             if obs.full:
                 norm = torch.linalg.vector_norm(rows, dtype=torch.float32)  # one pass, no copy
@@ -116,6 +162,13 @@ class LayerScheme:
             self.controller.last_weighted = obs
         else:
             obs.source = self.controller.last_weighted
+        runs = [level.avg for level in self.controller.ladder if level.is_aq]
+        if batch_norm and obs.measure and source is not None and runs and x.dim() > 1:
+            scale = 1.0 if channel_scale is None else channel_scale.view((1, -1) + (1,) * (x.dim() - 2))
+            self.source_grad_sq = torch.stack([source(deviation(x, k) * scale).flatten(1).float().square().sum(1)
+                                               for k in runs])
+        if self.level_factor is not None:
+            errors = errors * self.level_factor.to(errors.device)
         allocation = Allocation(self.controller.ladder, self.sample_scale(obs), cfg.bit, errors,
                                 self.controller.budget_of(self, *rows.shape))
         return Plan(None, seed, cfg.group_size, cfg.swap, allocation), obs
@@ -179,11 +232,30 @@ class Controller:
         self._indices: torch.Tensor | None = None
         self._queued_for: int | None = None  # the backward pass finish_backward is queued on
         self._shares: tuple[list[tuple[LayerScheme, int]], torch.Tensor, object] | None = None
+        self._offer: tuple[tuple, Callable[[torch.Tensor], torch.Tensor]] | None = None
 
     @property
     def reallocating(self) -> bool:
         """Whether the current iteration's backward re-splits the bits across layers."""
         return self.config.per_layer and self.iteration % REALLOCATE_EVERY == 0
+
+    @property
+    def measuring(self) -> bool:
+        """Whether this re-allocating iteration also measures batch norms' deviation."""
+        return self.reallocating and (self.iteration // REALLOCATE_EVERY) % MEASURE_EVERY == 0
+
+    def offer(self, output: torch.Tensor, weight_grad: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """A conv/linear of a measuring pass: weight_grad(g) is its weight gradient for an
+        output gradient g (its exact input held in the closure), for a batch norm taking
+        `output` as its input. Held until the next layer's plan only."""
+        self._offer = ((output.data_ptr(), output.shape, output.stride()), weight_grad)
+
+    def take_offer(self, x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The offered weight gradient if x is that layer's output; the offer ends here."""
+        offer, self._offer = self._offer, None
+        if offer is None or offer[0] != (x.data_ptr(), x.shape, x.stride()):
+            return None
+        return offer[1]
 
     def budget_of(self, scheme: LayerScheme, rows: int, row_numel: int) -> int | None:
         """A layer's bytes for `rows` samples: its share once one has arrived (for samples of
@@ -252,6 +324,7 @@ class Controller:
             scheme.observed.clear()
         self._indices = None
         self.last_weighted = None
+        self._offer = None
         self.iteration += 1
 
     def reallocate(self, observations: list[Observation]) -> None:
@@ -269,8 +342,7 @@ class Controller:
         budget = max(budget, sum(n * min(s) for n, s in zip(rows, slots)))
         per_row = torch.tensor(rows)
         costs = _to_device(torch.tensor(slots).repeat_interleave(per_row, 0), device)
-        sens = torch.cat([o.scheme.sensitivity(o) for o in observations])
-        weighted = sens.unsqueeze(1) * torch.cat([o.errors for o in observations]).float()
+        weighted = torch.cat([self._weighted(o) for o in observations])
         choice = aqcore.allocate_rows(weighted, costs, budget)
         spent = costs.gather(1, choice.unsqueeze(1)).squeeze(1)
         code_bits = _to_device(torch.tensor([l.bits_per_value for l in ladder], dtype=torch.float64),
@@ -293,6 +365,14 @@ class Controller:
         else:
             self._shares = (layers, shares, None)
         self._receive(wait=False)
+
+    @staticmethod
+    def _weighted(obs: Observation) -> torch.Tensor:
+        """C_n e_n(l) times the layer's level factors, which its next forwards use too."""
+        weighted = obs.scheme.sensitivity(obs).unsqueeze(1) * obs.errors.float()
+        factor = obs.level_factor(weighted)
+        obs.scheme.level_factor = factor
+        return weighted * factor
 
     def state(self) -> dict[str, LayerBits | None]:
         """Each layer's share from the last re-allocation, by layer name: the bits per value

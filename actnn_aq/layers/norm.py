@@ -7,7 +7,6 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..ops.norm import BatchNormFunction, LayerNormFunction, SyncBatchNormFunction
-from ..saved import EXACT
 from .base import QLayer
 
 
@@ -31,9 +30,8 @@ class _QBatchNorm(QLayer):
             return super().forward(input)
         self._check_input_dim(input)
         momentum = self._track_batch()
-        plan, obs = self.aq_scheme.plan(input)
         return BatchNormFunction.apply(input, self.weight, self.bias, *self._running(), momentum, self.eps,
-                                       plan, obs)
+                                       self.aq_scheme)
 
 
 class QBatchNorm1d(_QBatchNorm, nn.BatchNorm1d):
@@ -80,9 +78,8 @@ class QSyncBatchNorm(_QBatchNorm, _BatchNorm):
         self._check_non_zero_input_channels(input)
         momentum = self._track_batch()
         training_step = self._training_step(input, self.weight, self.bias)
-        plan, obs = self.aq_scheme.plan(input) if training_step else (EXACT, None)
         return SyncBatchNormFunction.apply(input, self.weight, self.bias, *self._running(), momentum, self.eps,
-                                           group, plan, obs)
+                                           group, self.aq_scheme if training_step else None)
 
 
 class QLayerNorm(QLayer, nn.LayerNorm):

@@ -15,6 +15,7 @@ from torch.autograd.function import once_differentiable
 
 from ..saved import Packed, Plan
 from ..scheme import Observation
+from ..sensitivity import mean_deviation, mean_deviation_price, run_gain
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -73,6 +74,14 @@ class ConvFunction(torch.autograd.Function):
         y = spec.forward(x, weight, bias)
         _keep(ctx, x, plan, weight)
         ctx.spec, ctx.obs = spec, obs
+        ctx.along_last = not spec.transposed and _innermost_is_last(x)
+        ctx.means = None  # runs across channels: the deviation's means (sensitivity.py)
+        if obs is not None and obs.full and not spec.transposed:
+            runs = _aq_runs(obs)
+            if runs and not ctx.along_last:
+                ctx.means = mean_deviation(x, runs, 1, spec.groups)
+            if obs.measure:
+                obs.scheme.controller.offer(y, _conv_weight_grad(spec, x.detach(), weight.detach()))
         ctx.bias_sizes = None if bias is None else list(bias.shape)
         ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return y
@@ -84,7 +93,11 @@ class ConvFunction(torch.autograd.Function):
         spec = ctx.spec
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if ctx.obs is not None:
-            ctx.obs.backward(grad_out)
+            price = None
+            if ctx.means is not None:
+                kernel = weight[0, 0].numel()
+                price = lambda: mean_deviation_price(grad_out, ctx.means, 1, kernel, spec.groups)
+            ctx.obs.backward(grad_out, gain=_gain(ctx, grad_out) if ctx.along_last else None, price=price)
         dtype = grad_out.dtype
         with torch.autocast(grad_out.device.type, enabled=False):
             if ctx.held is not None:
@@ -102,6 +115,44 @@ class ConvFunction(torch.autograd.Function):
                 None, None, None)
 
 
+def _conv_weight_grad(spec: ConvSpec, x: torch.Tensor, weight: torch.Tensor):
+    """g -> the weight gradient of this call for output gradient g, float32 (Controller.offer)."""
+    def weight_grad(g: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(g.device.type, enabled=False):
+            inp = x.float() if spec.pre_pad is None else F.pad(x.float(), spec.pre_pad, mode=spec.pad_mode)
+            return torch.ops.aten.convolution_backward(
+                g.float(), inp, weight.float(), None, spec.stride, spec.padding, spec.dilation, False,
+                [0] * spec.dims, spec.groups, [False, True, False])[1]
+    return weight_grad
+
+
+def _linear_weight_grad(x: torch.Tensor):
+    """g -> g^T x over all leading dims, float32 (Controller.offer)."""
+    def weight_grad(g: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(g.device.type, enabled=False):
+            return g.reshape(-1, g.shape[-1]).float().t().mm(x.reshape(-1, x.shape[-1]).float())
+    return weight_grad
+
+
+def _innermost_is_last(x: torch.Tensor) -> bool:
+    """Whether x's memory order runs along its last dim (a conv's last spatial dim: NCHW,
+    not channels_last), so that an AQ run of k values meets neighbouring outputs."""
+    sized = [d for d in range(x.dim()) if x.shape[d] > 1]
+    return x.dim() > 2 and bool(sized) and min(sized, key=lambda d: x.stride(d)) == x.dim() - 1
+
+
+def _aq_runs(obs: Observation) -> list[int]:
+    return [level.avg for level in obs.scheme.controller.ladder if level.is_aq]
+
+
+def _gain(ctx, grad_out: torch.Tensor):
+    """The run gain of the ladder's AQ levels (sensitivity.run_gain), computed on demand."""
+    runs = _aq_runs(ctx.obs)
+    if not runs:
+        return None
+    return lambda: run_gain(grad_out.detach(), runs, ctx.spec.stride[-1])
+
+
 def _cast(t: torch.Tensor | None, dtype: torch.dtype | None) -> torch.Tensor | None:
     return t if t is None or t.dtype == dtype else t.to(dtype)
 
@@ -114,6 +165,10 @@ class LinearFunction(torch.autograd.Function):
         y = F.linear(x, weight, bias)
         _keep(ctx, x, plan, weight)
         ctx.obs = obs
+        runs = _aq_runs(obs) if obs is not None and obs.full and x.dim() > 1 else []
+        ctx.means = mean_deviation(x, runs, -1) if runs else None  # runs cross the features
+        if obs is not None and obs.measure:
+            obs.scheme.controller.offer(y, _linear_weight_grad(x.detach()))
         ctx.param_dtypes = (weight.dtype, None if bias is None else bias.dtype)
         return y
 
@@ -123,7 +178,10 @@ class LinearFunction(torch.autograd.Function):
         kept, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if ctx.obs is not None:
-            ctx.obs.backward(grad_out)
+            price = None
+            if ctx.means is not None:
+                price = lambda: mean_deviation_price(grad_out, ctx.means, -1, 1)
+            ctx.obs.backward(grad_out, price=price)
         dtype = grad_out.dtype
         g = grad_out.reshape(-1, grad_out.shape[-1])
         gx = gw = gb = None

@@ -5,6 +5,15 @@ backward is the aten backward of that op on the decompressed input with the exac
 mean / inverse std (docs/frameworks.md, "What each layer keeps"). SyncBatchNorm's
 synchronised path is plain tensor math plus collectives, so it runs on CPU (gloo) as well
 as CUDA.
+
+Batch norms compress their input normalized, (x - mean) * invstd with the exact batch
+statistics, and rebuild x from it in backward. Backward reads the input only through
+xhat, and stored raw a channel's error is set by the range of its quantization group:
+in channels_last a group of 256 values spans many channels, so a channel of small
+variance gets the noise of the widest one, times its invstd (16 channels with standard
+deviations 1e-3..1 at 2 bits: input gradient 489x its norm off, 0.6% in NCHW); and a
+channel whose mean is large against its spread loses it to the bfloat16 group bounds.
+Normalized, every channel's error is relative to its own spread.
 """
 from __future__ import annotations
 
@@ -12,8 +21,8 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from ..saved import Packed, Plan
-from ..scheme import Observation
+from ..saved import EXACT, Packed, Plan
+from ..scheme import LayerScheme, Observation
 from ..sensitivity import batch_norm_noise, layer_norm_noise, norm_coef
 
 
@@ -26,25 +35,58 @@ def _sample_numel(x: torch.Tensor) -> int:
     return x[0].numel() if x.dim() > 1 else x.numel()
 
 
+def _channel_shape(x: torch.Tensor) -> tuple[int, ...]:
+    return (1, -1) + (1,) * (x.dim() - 2)
+
+
+def _keep_normalized(ctx, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                     scheme: LayerScheme | None, *tensors) -> Observation | None:
+    """Plan and keep a batch norm's input: normalized when it is compressed (module
+    docstring), x itself otherwise. Returns the observation of the plan."""
+    ctx.normalized = scheme is not None and scheme.controller.config.compress
+    if scheme is None:
+        plan, obs = EXACT, None
+    elif not ctx.normalized:
+        plan, obs = scheme.plan(x, batch_norm=True)
+    else:
+        shape = _channel_shape(x)
+        stored = torch.addcmul((-mean * invstd).view(shape), x, invstd.view(shape)).to(x.dtype)
+        plan, obs = scheme.plan(stored, batch_norm=True, produced=x, channel_scale=invstd.reciprocal())
+        x = stored
+    _keep(ctx, x, plan, mean, invstd, *tensors)
+    ctx.input_dtype = x.dtype
+    if obs is not None:  # errors are priced on what is stored: xhat when normalized
+        obs.coef = norm_coef(_sample_numel(x), torch.ones_like(invstd) if ctx.normalized else invstd)
+    return obs
+
+
+def _unpack_normalized(ctx, kept: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor) -> torch.Tensor:
+    """The input again (x = xhat / invstd + mean, in its dtype and layout)."""
+    stored = ctx.held.unpack(kept)
+    if not ctx.normalized:
+        return stored
+    shape = _channel_shape(stored)
+    return torch.addcmul(mean.view(shape), stored, invstd.reciprocal().view(shape)).to(ctx.input_dtype)
+
+
 class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float,
-                plan: Plan, obs: Observation | None):
+                scheme: LayerScheme | None):
         y, mean, invstd, reserve, backend = torch.ops.aten._batch_norm_impl_index(
             x, weight, bias, running_mean, running_var, True, momentum, eps, torch.backends.cudnn.enabled)
-        _keep(ctx, x, plan, weight, mean, invstd, reserve)
-        ctx.eps, ctx.obs, ctx.cudnn = eps, obs, backend == CUDNN
-        if obs is not None:
-            obs.coef = norm_coef(_sample_numel(x), invstd)
+        ctx.obs = _keep_normalized(ctx, x, mean, invstd, scheme, weight, reserve)
+        ctx.eps, ctx.cudnn = eps, backend == CUDNN
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        kept, weight, mean, invstd, reserve = ctx.saved_tensors
-        x = ctx.held.unpack(kept)
+        kept, mean, invstd, weight, reserve = ctx.saved_tensors
+        x = _unpack_normalized(ctx, kept, mean, invstd)
         if ctx.obs is not None:
-            ctx.obs.backward(grad_out, lambda: batch_norm_noise(grad_out, x, mean, invstd, weight))
+            ctx.obs.backward(grad_out, lambda: batch_norm_noise(grad_out, x, mean, invstd, weight,
+                                                                normalized=ctx.normalized))
         if ctx.cudnn:  # cuDNN's backward, as autograd would run it (3x faster than native)
             grad_out = grad_out.contiguous(memory_format=_memory_format(x))
             gx, gw, gb = torch.ops.aten.cudnn_batch_norm_backward(
@@ -52,7 +94,7 @@ class BatchNormFunction(torch.autograd.Function):
         else:
             gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
                 grad_out, x, weight, None, None, mean, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3]))
-        return gx, gw, gb, None, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None
 
 
 CUDNN = 1  # _batch_norm_impl_index's backend number for cuDNN
@@ -77,7 +119,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, momentum: float, eps: float, group,
-                plan: Plan, obs: Observation | None):
+                scheme: LayerScheme | None):
         dims = [0, *range(2, x.dim())]
         xf = x.float()
         count = x.numel() // x.shape[1]
@@ -100,19 +142,18 @@ class SyncBatchNormFunction(torch.autograd.Function):
             y = y * _channel_view(weight.float(), x)
         if bias is not None:
             y = y + _channel_view(bias.float(), x)
-        _keep(ctx, x, plan, weight, mean, invstd)
-        ctx.total, ctx.group, ctx.obs = total.item(), group, obs
+        out_dtype = x.dtype
+        ctx.obs = _keep_normalized(ctx, x, mean, invstd, scheme, weight)
+        ctx.total, ctx.group = total.item(), group
         ctx.bias_dtype = None if bias is None else bias.dtype
-        if obs is not None:
-            obs.coef = norm_coef(_sample_numel(x), invstd)
-        return y.to(x.dtype)
+        return y.to(out_dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        kept, weight, mean, invstd = ctx.saved_tensors
+        kept, mean, invstd, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        x = ctx.held.unpack(kept)
+        x = _unpack_normalized(ctx, kept, mean, invstd)
         dims = [0, *range(2, x.dim())]
         g = grad_out.float()
         xmu = x.float() - _channel_view(mean, x)
@@ -131,8 +172,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
             gx = (gx * _channel_view(scale, x)).to(x.dtype)
         if ctx.obs is not None:
             ctx.obs.backward(grad_out, lambda: batch_norm_noise(grad_out, x, mean, invstd, weight,
-                                                                sum_dy_xmu, ctx.total))
-        return gx, gw, gb, None, None, None, None, None, None, None
+                                                                sum_dy_xmu, ctx.total, ctx.normalized))
+        return gx, gw, gb, None, None, None, None, None, None
 
 
 class LayerNormFunction(torch.autograd.Function):
