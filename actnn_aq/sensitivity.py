@@ -252,10 +252,11 @@ def mean_deviation(x: torch.Tensor, runs: Sequence[int], channel_dim: int, group
     channels = x.shape[channel_dim]
     sketch = _rademacher(channels, SKETCH, x.device) if groups == 1 and channels > SKETCH else None
     means = []
-    for k in runs:
-        field = deviation(x, k)
-        mean = field.mean(dims) if dims else field
-        means.append(mean if sketch is None else mean @ sketch)
+    with torch.autocast(x.device.type, enabled=False):  # forwards run under autocast: stay float32
+        for k in runs:
+            field = deviation(x, k)
+            mean = field.mean(dims) if dims else field
+            means.append(mean if sketch is None else mean @ sketch)
     return torch.stack(means)
 
 

@@ -373,3 +373,20 @@ def test_batch_norm_error_does_not_depend_on_channel_scale(channels_last, bit):
     q = actnn_aq.QModule(copy.deepcopy(bn)).model
     found = torch.autograd.grad(q(x), x, g)[0]
     assert (found - exact).norm() < 0.05 * exact.norm()
+
+
+def test_autocast_training_with_aq_levels():
+    """Re-allocation passes measure AQ's deviation inside forwards that run under autocast;
+    what they hold must stay float32 (a bfloat16 sketch made the backward's einsum fail)."""
+    torch.manual_seed(0)
+    actnn_aq.set_optimization_level("L3", bit=1.25, aq_bit=0.5)
+    model = actnn_aq.QModule(nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 8)))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(32, 16, 64), torch.randint(0, 8, (32, 16))
+    for _ in range(4):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = nn.functional.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
