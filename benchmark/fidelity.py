@@ -18,8 +18,8 @@ Tasks (no downloads):
   test_batch.bin) or an ImageFolder root with train/ and val/; else a learnable built-in
   task (noisy class templates). SGD with Nesterov momentum, weight decay, OneCycle.
 * bert: BertForSequenceClassification built from a config, SDPA attention (dropout 0.1),
-  AdamW with warmup; a built-in task that needs attention (is the first token repeated
-  later in the sequence?).
+  AdamW with warmup; a built-in task that needs attention to pool the whole sequence
+  (do tokens of one class outnumber those of another?).
 * lm: a small causal transformer of our own (SDPA attention, LayerNorm, GELU), AdamW with
   warmup, learning to copy the first half of each sequence (no dependency beyond torch).
 Any task can run under bf16 autocast (--bf16).
@@ -157,26 +157,25 @@ def resnet_task(args, device: torch.device) -> Task:
                 test_y.to(device), make_model, make_optimizer, forward)
 
 
-def repeat_task(n: int, seed: int, vocab: int, length: int) -> tuple:
-    """Token sequences; label 1 when the first token appears again later (planted in half)."""
+def majority_task(n: int, seed: int, vocab: int, length: int) -> tuple:
+    """Token sequences after a [CLS] token; a quarter of the vocabulary is positive, a
+    quarter negative: label 1 when positive tokens outnumber negative ones. Every position
+    counts, so the [CLS] output must pool them all."""
     g = torch.Generator().manual_seed(2000 + seed)
     x = torch.randint(3, vocab, (n, length), generator=g)
     x[:, 0] = 1  # [CLS]
-    x[:, 1] = torch.randint(3, vocab, (n,), generator=g)
-    y = torch.randint(0, 2, (n,), generator=g)
-    # no accidental repeats; then plant one where the label says so
-    x[:, 2:] = torch.where(x[:, 2:] == x[:, 1:2], (x[:, 2:] + 1 - 3) % (vocab - 3) + 3, x[:, 2:])
-    where = torch.randint(2, length, (n,), generator=g)
-    x[torch.arange(n)[y == 1], where[y == 1]] = x[y == 1, 1]
-    return x, y
+    quarter = (vocab - 3) // 4
+    positive = (x >= 3) & (x < 3 + quarter)
+    negative = (x >= 3 + quarter) & (x < 3 + 2 * quarter)
+    return x, (positive.sum(1) > negative.sum(1)).long()
 
 
 def bert_task(args, device: torch.device) -> Task:
     from transformers import BertConfig, BertForSequenceClassification
 
     vocab, length = 512, args.seq_len
-    train_x, train_y = repeat_task(args.train_size, 0, vocab, length)
-    test_x, test_y = repeat_task(args.test_size, 1, vocab, length)
+    train_x, train_y = majority_task(args.train_size, 0, vocab, length)
+    test_x, test_y = majority_task(args.test_size, 1, vocab, length)
     sizes = {"tiny": (128, 2, 2), "base": (768, 12, 12), "large": (1024, 24, 16)}
     hidden, layers, heads = sizes[args.model if args.model in sizes else "tiny"]
     config = BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,

@@ -232,7 +232,7 @@ class Controller:
         if not self._below_floor(level):
             return level
         usable = [l for l in (*settings.ladder(self.config), EXACT)
-                  if not self._below_floor(l) and l.zeros == level.zeros]
+                  if not self._below_floor(l) and settings.may_take(l, level.zeros)]
         return min(usable, key=lambda l: l.bits_per_value)
 
     @contextlib.contextmanager

@@ -147,6 +147,12 @@ def fixed_level(cfg: QuantizationConfig) -> Level:
     return aqcore.parse_level(int(cfg.bit))
 
 
+def may_take(level: Level, zeros: bool) -> bool:
+    """Whether a tensor may be stored at level: one whose zeros must stay exact only at a
+    level that keeps them (aqcore.zero_safe), any other only at a level without a mask."""
+    return aqcore.zero_safe(level) is level if zeros else not level.zeros
+
+
 def start_level(cfg: QuantizationConfig, zeros: bool = False) -> Level:
     """The level of a tensor before the first adaptation: the finest ladder level it may take
     whose bits per value fit the budget (so iteration 0 already honours it), else the
@@ -154,6 +160,6 @@ def start_level(cfg: QuantizationConfig, zeros: bool = False) -> Level:
     if not cfg.auto_prec:
         level = fixed_level(cfg)
         return aqcore.zero_safe(level) if zeros else level
-    usable = [l for l in ladder(cfg) if (aqcore.zero_safe(l) is l if zeros else not l.zeros)]
+    usable = [l for l in ladder(cfg) if may_take(l, zeros)]
     fitting = [l for l in usable if l.bits_per_value <= cfg.bit]
     return fitting[0] if fitting else min(usable, key=lambda l: l.bits_per_value)

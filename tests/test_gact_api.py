@@ -453,3 +453,23 @@ def test_cheap_functions_of_saved_tensors_are_recomputed_not_stored():
         out.square().sum().backward()
     every_saved_value = 8 * 32 * (64 + 64 + 128 * 5)
     assert 1.8 * every_saved_value / 8 < held <= 2.2 * every_saved_value / 8  # codes + metadata
+
+
+def test_repeated_alarms_lift_relu_outputs_through_plain_levels_up_to_exact():
+    """Each alarm bars the lowest precision in use; once the zero-keeping AQ levels are
+    barred, a ReLU output moves to a plain level (those keep zeros too), and on to exact."""
+    model, x, y = cnn_problem()
+    poisoned = x.clone()
+    poisoned[3, 0, 5, 5] = float("inf")
+    gact_aq.set_optimization_level("L2.2", bit=1.25, aq_bit=0.5)
+    with Controller(model) as ctl:
+        ctl.iterate(backprop_fn(model, x, y))
+        floors = [ctl.floor]
+        while floors[-1] < 32 and len(floors) < 8:
+            backprop_fn(model, poisoned, y)()
+            with pytest.warns(UserWarning, match="gradients were zeroed"):
+                ctl.iterate(backprop_fn(model, x, y))
+            floors.append(ctl.floor)
+        assert floors[-1] == 32 and all(a < b for a, b in zip(floors, floors[1:]))
+        nn.functional.cross_entropy(model(x), y)
+        assert {r.level for r in ctl.report().rows} == {"32"}
