@@ -1,6 +1,5 @@
 """aqcore.GradientGuard: a bad step (non-finite, or a jump far above the running norm)
 has its gradients zeroed and raises one alarm; ordinary steps pass untouched."""
-import math
 
 import torch
 from torch import nn
@@ -24,7 +23,36 @@ def test_ordinary_steps_pass_untouched_and_raise_nothing():
         before = step(model, guard, scale=1 + 3 * i / 200)
         assert all(torch.equal(a, p.grad) for a, p in zip(before, model.parameters()))
         assert not guard.alarm()
-    assert 0.1 < guard.typical_norm() < 100
+    assert 0.1 < guard.peak_norm() < 100
+
+
+def test_exact_training_that_starts_to_learn_raises_nothing():
+    """Gradient norms of exact training of a small BERT (fidelity bert task, steps 60-94):
+    a 25x rise within four steps as it starts to learn, then swings by 10x. An average-based
+    rule zeroed nine of these steps; the recent peak follows them."""
+    recorded = [0.15, 0.21, 0.37, 0.47, 0.35, 0.25, 0.29, 0.4, 0.52, 0.63, 0.93, 1.4, 2.64, 12.79,
+                11.01, 12.97, 22.41, 3.86, 3.43, 1.59, 14.49, 12.42, 6.98, 9.52, 20.92, 13.29, 3.61,
+                24.9, 9.52, 9.8, 10.72, 7.22, 2.66, 3.77, 7.57]
+    weight = nn.Parameter(torch.zeros(4))
+    guard = GradientGuard([weight])
+    for norm in [0.3] * WARMUP + recorded:
+        weight.grad = torch.full((4,), norm / 2)
+        guard.check()
+        assert torch.equal(weight.grad, torch.full((4,), norm / 2)) and not guard.alarm()
+
+
+def test_an_explosion_is_caught_on_its_first_large_step():
+    """The trace of issue 9: the norm grows by 4-80x per step; steps within FACTOR of the
+    peak pass, the first beyond it is zeroed."""
+    weight = nn.Parameter(torch.zeros(4))
+    guard = GradientGuard([weight])
+    for norm in [0.37] * WARMUP + [1.5, 7.0]:
+        weight.grad = torch.full((4,), norm / 2)
+        guard.check()
+        assert not guard.alarm()
+    weight.grad = torch.full((4,), 83.0 / 2)
+    guard.check()
+    assert torch.equal(weight.grad, torch.zeros(4)) and guard.alarm()
 
 
 def test_a_jump_after_warmup_is_zeroed_once():
@@ -40,9 +68,9 @@ def test_a_jump_after_warmup_is_zeroed_once():
     step(model, guard, scale=3 * FACTOR)
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in model.parameters())
     assert guard.alarm() and not guard.alarm()  # reported once
-    typical = guard.typical_norm()
-    step(model, guard)  # the outlier did not move the running norm
-    assert guard.typical_norm() == typical or math.isclose(guard.typical_norm(), typical, rel_tol=0.5)
+    peak = guard.peak_norm()
+    step(model, guard)  # the outlier did not raise the peak
+    assert guard.peak_norm() <= peak * 1.5
     assert not guard.alarm()
 
 
