@@ -80,15 +80,16 @@ class Task:
         return F.cross_entropy(self.forward(model, x).flatten(0, -2), y.flatten(), **kwargs)
 
 
-def template_images(n: int, seed: int, size: int = 32, classes: int = 10) -> tuple:
-    """A learnable image task: smooth class templates under strong smooth and pixel noise."""
+def template_images(n: int, seed: int, size: int = 32, classes: int = 10, noise: float = 1.0) -> tuple:
+    """A learnable image task: smooth class templates under strong smooth and pixel noise
+    (noise scales both; at 1 a ResNet-18 learns it perfectly in a few hundred steps)."""
     templates = F.interpolate(torch.randn(classes, 3, 8, 8, generator=torch.Generator().manual_seed(0)),
                               size=size, mode="bilinear", align_corners=False)
     g = torch.Generator().manual_seed(1000 + seed)
     y = torch.randint(0, classes, (n,), generator=g)
     smooth = F.interpolate(torch.randn(n, 3, size // 2, size // 2, generator=g), size=size,
                            mode="bilinear", align_corners=False)
-    return templates[y] + 1.5 * smooth + 0.5 * torch.randn(n, 3, size, size, generator=g), y
+    return templates[y] + noise * (1.5 * smooth + 0.5 * torch.randn(n, 3, size, size, generator=g)), y
 
 
 def cifar_binary(folder: Path) -> tuple:
@@ -132,8 +133,8 @@ def resnet_task(args, device: torch.device) -> Task:
     elif args.data:
         train_x, train_y, test_x, test_y = image_folder(Path(args.data))
     else:
-        train_x, train_y = template_images(args.train_size, 0, args.image_size)
-        test_x, test_y = template_images(args.test_size, 1, args.image_size)
+        train_x, train_y = template_images(args.train_size, 0, args.image_size, noise=args.noise)
+        test_x, test_y = template_images(args.test_size, 1, args.image_size, noise=args.noise)
     classes = int(train_y.max()) + 1
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     widths = {"small": (16, 32, 64), "tiny": (8, 16, 32)}
@@ -447,6 +448,7 @@ def main(argv=None) -> None:
     parser.add_argument("--test-size", type=int, default=1280)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--image-size", type=int, default=32, help="built-in image task")
+    parser.add_argument("--noise", type=float, default=1.0, help="built-in image task: noise scale")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def run(task: str, modes, **overrides) -> dict:
     torch.set_num_threads(2)
     args = argparse.Namespace(data=None, model="tiny", train_size=6400, test_size=1024,
-                              image_size=16, seq_len=32, lr=0.0, bf16=False, channels_last=False)
+                              image_size=16, noise=1.0, seq_len=32, lr=0.0, bf16=False, channels_last=False)
     for key, value in overrides.pop("args", {}).items():
         setattr(args, key, value)
     built = fidelity.TASKS[task](args, torch.device("cpu"))
