@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from aqcore.nested import tensors
+
 from . import layers as q
 from .settings import QuantizationConfig, snapshot
 from .scheme import Controller
@@ -62,6 +64,8 @@ class QModule(nn.Module):
         if not convert(model, self.controller):
             raise ValueError(f"QModule found nothing to convert in {type(model).__name__}; it converts "
                              f"{', '.join(sorted(t.__name__ for t in CONVERSIONS))}")
+        if config.compress and config.guard:
+            self.controller.watch(model.parameters())
         if config.expandable_segments:
             use_expandable_segments()
 
@@ -74,4 +78,10 @@ class QModule(nn.Module):
         self.controller.set_sample_indices(indices)
 
     def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
+        output = self.model(*args, **kwargs)
+        if self.controller.guard is not None and self.training and torch.is_grad_enabled():
+            first = next((t for t in tensors(output) if t.requires_grad), None)
+            if first is not None:  # the guard's check runs at the end of every backward
+                first.register_hook(lambda grad: self.controller.backward_running())
+        return output
+

@@ -29,17 +29,26 @@ sample n at a level (aqcore.level_errors, docs/errors.md), C_n its sensitivity
   allocations until the next.
 Bits count like the fixed levels' (codes; metadata and group padding on top), converted
 to bytes per sample by aqcore.format.row_budget.
+
+A GradientGuard (aqcore/guard.py; config.guard) checks every backward's gradients after
+everything else at its end (DDP's reduction included) and zeroes a bad step's on the
+device. The next forward that sees the alarm raises the floor: the levels whose codes
+take the fewest bits per value are barred (past 8 bits everything is kept exact), the
+layers' shares restart from the target, and that iteration re-allocates and re-measures.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+import warnings
+from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
 
 import aqcore
+from aqcore import Level
 from aqcore.format import row_budget, slot_bytes
+from aqcore.guard import GradientGuard
 
 from .saved import Allocation, Plan, seed_for
 from .sensitivity import InputNoise, deviation
@@ -144,11 +153,12 @@ class LayerScheme:
         cfg = self.controller.config
         self.calls += 1
         source = self.controller.take_offer(x if produced is None else produced)
-        if not cfg.compress or x.numel() == 0:
+        self.controller.heed_guard()
+        if not cfg.compress or x.numel() == 0 or not self.controller.ladder:
             return Plan(swap=cfg.swap), None
         seed = self.controller.seed(self.index, self.calls)
         if not cfg.adaptive:
-            return Plan(cfg.fixed_level, seed, cfg.group_size, cfg.swap), None
+            return Plan(self.controller.lifted(cfg.fixed_level), seed, cfg.group_size, cfg.swap), None
         rows = aqcore.sample_rows(x.detach() if x.dim() > 1 else x.detach().reshape(1, -1))
         errors = aqcore.level_errors(rows, cfg.group_size, self.controller.ladder)
         obs = Observation(self, errors, rows.shape[1], self.controller.batch_indices(rows.shape[0]),
@@ -225,7 +235,11 @@ class Controller:
 
     def __init__(self, config: QuantizationConfig):
         self.config = config
-        self.ladder = config.ladder
+        self.floor = 0.0  # levels whose codes take fewer bits per value are barred (guard)
+        self.guard: GradientGuard | None = None
+        self.guard_events: list[dict] = []
+        self._recovering = False  # this iteration re-allocates and re-measures after an alarm
+        self._heeded_at: int | None = None  # the iteration whose first forward read the alarm
         self.layers: list[LayerScheme] = []
         self.iteration = 0  # completed backward passes
         self.last_weighted: Observation | None = None  # the last conv/linear forward
@@ -235,14 +249,59 @@ class Controller:
         self._offer: tuple[tuple, Callable[[torch.Tensor], torch.Tensor]] | None = None
 
     @property
+    def ladder(self) -> tuple[Level, ...]:
+        """The config's ladder above the floor; empty once the guard has barred every level."""
+        return tuple(l for l in self.config.ladder if l.bits_per_value >= self.floor)
+
+    @property
     def reallocating(self) -> bool:
         """Whether the current iteration's backward re-splits the bits across layers."""
-        return self.config.per_layer and self.iteration % REALLOCATE_EVERY == 0
+        return self.config.per_layer and (self.iteration % REALLOCATE_EVERY == 0 or self._recovering)
 
     @property
     def measuring(self) -> bool:
         """Whether this re-allocating iteration also measures batch norms' deviation."""
-        return self.reallocating and (self.iteration // REALLOCATE_EVERY) % MEASURE_EVERY == 0
+        return self.reallocating and ((self.iteration // REALLOCATE_EVERY) % MEASURE_EVERY == 0
+                                      or self._recovering)
+
+    # ------------------------------------------------------------------ guard
+
+    def watch(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        """Guard these parameters' gradients after every backward of this model."""
+        self.guard = GradientGuard(parameters)
+
+    def lifted(self, level: Level) -> Level:
+        """level, or the cheapest level of the ladder at or above the floor."""
+        if level.bits_per_value >= self.floor:
+            return level
+        return min(self.ladder, key=lambda l: l.bits_per_value)
+
+    def heed_guard(self) -> None:
+        """At the first forward of an iteration: after an alarm, bar the lowest precision."""
+        if self.guard is None or self._heeded_at == self.iteration:
+            return
+        self._heeded_at = self.iteration
+        if not self.guard.alarm():
+            return
+        in_use = self.ladder if self.config.adaptive or not self.ladder else [self.lifted(self.config.fixed_level)]
+        lowest = min((l.bits_per_value for l in in_use), default=32.0)
+        rungs = sorted({l.bits_per_value for l in self.config.ladder} | {32.0})
+        self.floor = next((r for r in rungs if r > max(lowest, self.floor)), 32.0)
+        for scheme in self.layers:
+            scheme.share = scheme.level_factor = None
+        self._shares = None
+        self._recovering = True
+        self.guard_events.append({"iteration": self.iteration, "floor": self.floor})
+        barred = "every level (all activations exact)" if not self.ladder else \
+            f"levels under {self.floor:g} bits per value"
+        warnings.warn(f"actnn_aq: at step {self.iteration - 1} the gradients became non-finite or "
+                      f"jumped far above their recent peak; that step's gradients were zeroed (the "
+                      f"optimizer step changed nothing), and from now on {barred} are barred, the "
+                      f"layers' bits re-allocated and their sensitivities re-measured", stacklevel=4)
+
+    def _check_gradients(self) -> None:
+        """Queued from the end of backward, so it runs after every other callback there."""
+        torch.autograd.Variable._execution_engine.queue_callback(self.guard.check)
 
     def offer(self, output: torch.Tensor, weight_grad: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """A conv/linear of a measuring pass: weight_grad(g) is its weight gradient for an
@@ -325,7 +384,10 @@ class Controller:
         self._indices = None
         self.last_weighted = None
         self._offer = None
+        self._recovering = False
         self.iteration += 1
+        if self.guard is not None:
+            self._check_gradients()
 
     def reallocate(self, observations: list[Observation]) -> None:
         """One joint allocation over all (layer, sample) units of this backward at the

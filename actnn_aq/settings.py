@@ -33,6 +33,8 @@ class QuantizationConfig:
     expandable_segments: switch the CUDA caching allocator to expandable segments (L5).
     use_gradient: per-sample gradient memory over dataset indices (see actnn_aq.DataLoader).
     group_size: values per quantization group.
+    guard: watch the gradients; after a bad step (non-finite, or far above the recent
+        peak) bar the lowest precision (scheme.py, aqcore/guard.py).
     """
 
     level: str = "L3"
@@ -46,6 +48,7 @@ class QuantizationConfig:
     expandable_segments: bool = False
     use_gradient: bool = False
     group_size: int = 256
+    guard: bool = True
 
     @property
     def ladder(self) -> tuple[Level, ...]:

@@ -52,6 +52,7 @@ from torch import nn
 
 import aqcore
 from aqcore import Level
+from aqcore.nested import tensors
 
 from .autoprec import Measurement
 from .packing import ZEROS, Unit, held_units
@@ -129,7 +130,7 @@ class Propagation(Measurement):
     # ------------------------------------------------------------------ graph
 
     def _walk_outputs(self, module, args, output) -> None:
-        for t in _tensors(output):
+        for t in tensors(output):
             if t.grad_fn is not None:
                 self._walk(t.grad_fn)
 
@@ -271,13 +272,3 @@ def _like(computed: torch.Tensor, engine: torch.Tensor) -> torch.Tensor:
 def _copies(grads: Grads) -> Grads:
     return tuple(None if g is None else g.clone() for g in grads)
 
-
-def _tensors(output):
-    if isinstance(output, torch.Tensor):
-        yield output
-    elif isinstance(output, (tuple, list)):
-        for item in output:
-            yield from _tensors(item)
-    elif isinstance(output, dict):
-        for item in output.values():
-            yield from _tensors(item)
