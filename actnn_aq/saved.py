@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence, Union
 
 import torch
@@ -73,7 +73,7 @@ class Packed:
     def __init__(self, x: torch.Tensor, plan: Plan):
         self.device = x.device
         self.shape = x.shape
-        self.data: CompressedTensor | torch.Tensor | None = None
+        self._data: CompressedTensor | torch.Tensor | None = None
         if not plan.exact:
             if plan.allocation is not None:
                 a = plan.allocation
@@ -82,24 +82,49 @@ class Packed:
                                                   plan.group_size, a.errors, a.budget)
             else:
                 ct = aqcore.compress(x, plan.level, seed=plan.seed, group_size=plan.group_size)
-            self.data = ct.to("cpu", non_blocking=True) if plan.swap and x.device.type != "cpu" else ct
+            self._data = ct.to("cpu", non_blocking=True) if plan.swap and x.device.type != "cpu" else ct
         elif plan.swap and x.device.type != "cpu":
-            self.data = _to_host(x)
+            self._data = _to_host(x)
+        data = self._data
+        self.nbytes = data.nbytes if isinstance(data, CompressedTensor) else \
+            0 if data is None else data.numel() * data.element_size()  # held beside x; 0: x itself
 
-    def keep(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The tensor to pass to ctx.save_for_backward: x itself when nothing was copied."""
-        return x if self.data is None else None
+    def stored(self, x: torch.Tensor) -> StoredItem:
+        """What to hand to save() (x itself when nothing was copied); Packed keeps no
+        reference to it, so autograd alone decides when it is freed."""
+        data, self._data = self._data, None
+        return x if data is None else data
 
-    def unpack(self, kept: torch.Tensor | None) -> torch.Tensor:
-        """The stored tensor (decompressed, back on its device); kept: what keep() returned."""
-        if self.data is None:
-            return kept
-        data = self.data.to(self.device, non_blocking=True)
+    def unpack(self, stored: StoredItem) -> torch.Tensor:
+        """The tensor back on its device (decompressed); stored: what stored() gave, restored."""
+        data = stored.to(self.device, non_blocking=True)
         return aqcore.decompress(data).view(self.shape) if isinstance(data, CompressedTensor) else data
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the copy (0 when the tensor itself is kept)."""
-        if isinstance(self.data, CompressedTensor):
-            return self.data.nbytes
-        return 0 if self.data is None else self.data.numel() * self.data.element_size()
+
+StoredItem = Union[torch.Tensor, CompressedTensor, None]
+_CT_TENSORS = ("payload", "meta", "table", "mask")
+
+
+def save(ctx, *items: StoredItem) -> None:
+    """ctx.save_for_backward for tensors and compressed tensors alike. A compressed tensor's
+    own tensors go to autograd, which frees them once their backward has run (unless
+    retain_graph) and raises its usual error on a second backward, as for any saved
+    tensor; ctx keeps only the fields that rebuild it."""
+    flat, layout = [], []
+    for item in items:
+        if isinstance(item, CompressedTensor):
+            layout.append({f.name: getattr(item, f.name) for f in fields(item) if f.name not in _CT_TENSORS})
+            flat += [getattr(item, name) for name in _CT_TENSORS]
+        else:
+            layout.append(None)
+            flat.append(item)
+    ctx.saved_layout = layout
+    ctx.save_for_backward(*flat)
+
+
+def restore(ctx) -> list[StoredItem]:
+    """The items given to save(), in order."""
+    saved = iter(ctx.saved_tensors)
+    return [next(saved) if rest is None else
+            CompressedTensor(**rest, **{name: next(saved) for name in _CT_TENSORS})
+            for rest in ctx.saved_layout]

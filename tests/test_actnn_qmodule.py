@@ -1,6 +1,8 @@
 """QModule on ResNet- and VGG-style models: conversion keeps the model, L0 is exact,
 the schemes adapt without interfering across models, and training converges."""
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -165,3 +167,40 @@ def test_first_iteration_allocates_from_the_data(monkeypatch):
     assert [str(l) for l in chosen[4:]] == ["aq1"] * 4
     assert all(l.bits_per_value >= 2 for l in chosen[:4])
     assert sum(l.bits_per_value for l in chosen) <= 2 * 8
+
+
+def test_compressed_activations_are_freed_by_backward_unless_the_graph_is_retained(monkeypatch):
+    """Like exact saved tensors: gone once backward has used them, although `loss` (and so
+    the graph) is still referenced; retain_graph keeps them for an identical second pass,
+    and a second pass without it fails with PyTorch's own error."""
+    alive = []
+
+    def recording(fn):
+        def wrapped(*args, **kwargs):
+            out = fn(*args, **kwargs)
+            ct = out[0] if isinstance(out, tuple) else out
+            alive.append(weakref.ref(ct.payload))
+            return out
+        return wrapped
+
+    for name in ("compress", "compress_allocated", "pack_mask"):
+        monkeypatch.setattr(aqcore, name, recording(getattr(aqcore, name)))
+    torch.manual_seed(0)
+    actnn_aq.set_optimization_level("L3", bit=1.25, aq_bit=0.5)
+    model = actnn_aq.QModule(resnet())
+    x, y = batch()
+    loss = nn.functional.cross_entropy(model(x), y)
+    assert len(alive) > 5 and all(ref() is not None for ref in alive)
+    loss.backward()
+    gc.collect()
+    assert all(ref() is None for ref in alive)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+
+    loss = nn.functional.cross_entropy(model(x), y)
+    model.zero_grad()
+    loss.backward(retain_graph=True)
+    first = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss.backward()
+    assert all(torch.equal(a, p.grad) for a, p in zip(first, model.parameters()))

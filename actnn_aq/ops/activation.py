@@ -12,7 +12,7 @@ from torch.autograd.function import once_differentiable
 
 import aqcore
 
-from ..saved import Packed, Plan
+from ..saved import Packed, Plan, restore, save
 from ..scheme import Observation
 from ..sensitivity import gelu_noise, silu_noise
 
@@ -23,13 +23,13 @@ class ReLUFunction(torch.autograd.Function):
         y = torch.relu_(x) if inplace else torch.relu(x)
         if inplace:
             ctx.mark_dirty(x)
-        ctx.mask = aqcore.pack_mask(~(y <= 0))
+        save(ctx, aqcore.pack_mask(~(y <= 0)))
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        mask = aqcore.decompress(ctx.mask)
+        mask = aqcore.decompress(*restore(ctx))
         return torch.where(mask, grad_out, 0), None
 
 
@@ -37,7 +37,7 @@ class DropoutFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, p: float, inplace: bool):
         y, mask = torch.native_dropout(x, p, True)
-        ctx.mask = aqcore.pack_mask(mask)
+        save(ctx, aqcore.pack_mask(mask))
         ctx.scale = 1.0 / (1.0 - p)
         if inplace:
             ctx.mark_dirty(x)
@@ -47,7 +47,7 @@ class DropoutFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        mask = aqcore.decompress(ctx.mask)
+        mask = aqcore.decompress(*restore(ctx))
         return torch.ops.aten.native_dropout_backward(grad_out, mask, ctx.scale), None, None
 
 
@@ -55,7 +55,7 @@ def _pointwise_forward(ctx, x, y_fn, inplace: bool, plan: Plan, obs: Observation
     """y = y_fn(x) keeping x as planned (a copy when exact and x is about to be overwritten)."""
     source = x.clone() if inplace and plan.exact else x
     ctx.held = Packed(source, plan)
-    ctx.save_for_backward(ctx.held.keep(source))
+    save(ctx, ctx.held.stored(source))
     ctx.obs = obs
     if inplace:
         ctx.mark_dirty(x)
@@ -65,7 +65,7 @@ def _pointwise_forward(ctx, x, y_fn, inplace: bool, plan: Plan, obs: Observation
 
 def _pointwise_input(ctx, grad_out, noise_fn) -> torch.Tensor:
     """The decompressed input; records the observation (no weights: noise only)."""
-    (kept,) = ctx.saved_tensors
+    (kept,) = restore(ctx)
     x = ctx.held.unpack(kept)
     if ctx.obs is not None:
         ctx.obs.backward(grad_out, lambda: noise_fn(grad_out, x))

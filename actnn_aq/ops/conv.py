@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..saved import Packed, Plan
+from ..saved import Packed, Plan, restore, save
 from ..scheme import Observation
 from ..sensitivity import mean_deviation, mean_deviation_price, run_gain
 
@@ -65,7 +65,7 @@ def _keep(ctx, x: torch.Tensor, plan: Plan | None, *tensors) -> None:
     ctx.held = Packed(x, plan) if plan is not None else None
     ctx.input_shape = x.shape
     ctx.input_dtype = x.dtype
-    ctx.save_for_backward(ctx.held.keep(x) if ctx.held is not None else None, *tensors)
+    save(ctx, ctx.held.stored(x) if ctx.held is not None else None, *tensors)
 
 
 class ConvFunction(torch.autograd.Function):
@@ -89,7 +89,7 @@ class ConvFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        kept, weight = ctx.saved_tensors
+        kept, weight = restore(ctx)
         spec = ctx.spec
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if ctx.obs is not None:
@@ -175,7 +175,7 @@ class LinearFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        kept, weight = ctx.saved_tensors
+        kept, weight = restore(ctx)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         if ctx.obs is not None:
             price = None

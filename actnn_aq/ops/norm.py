@@ -21,14 +21,14 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from ..saved import EXACT, Packed, Plan
+from ..saved import EXACT, Packed, Plan, restore, save
 from ..scheme import LayerScheme, Observation
 from ..sensitivity import batch_norm_noise, layer_norm_noise, norm_coef
 
 
 def _keep(ctx, x: torch.Tensor, plan: Plan, *tensors) -> None:
     ctx.held = Packed(x, plan)
-    ctx.save_for_backward(ctx.held.keep(x), *tensors)
+    save(ctx, ctx.held.stored(x), *tensors)
 
 
 def _sample_numel(x: torch.Tensor) -> int:
@@ -82,7 +82,7 @@ class BatchNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        kept, mean, invstd, weight, reserve = ctx.saved_tensors
+        kept, mean, invstd, weight, reserve = restore(ctx)
         x = _unpack_normalized(ctx, kept, mean, invstd)
         if ctx.obs is not None:
             ctx.obs.backward(grad_out, lambda: batch_norm_noise(grad_out, x, mean, invstd, weight,
@@ -151,7 +151,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        kept, mean, invstd, weight = ctx.saved_tensors
+        kept, mean, invstd, weight = restore(ctx)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         x = _unpack_normalized(ctx, kept, mean, invstd)
         dims = [0, *range(2, x.dim())]
@@ -190,7 +190,7 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        kept, weight, bias, mean, rstd = ctx.saved_tensors
+        kept, weight, bias, mean, rstd = restore(ctx)
         x = ctx.held.unpack(kept).to(grad_out.dtype)
         if ctx.obs is not None:
             ctx.obs.backward(grad_out, lambda: layer_norm_noise(grad_out, x, mean, rstd, weight,

@@ -31,7 +31,7 @@ class MaxPool2dFunction(torch.autograd.Function):
         rows0 = _window_starts(y.shape[-2], stride[0], padding[0], x.device).view(-1, 1)
         cols0 = _window_starts(y.shape[-1], stride[1], padding[1], x.device)
         offset = ((row - rows0) // dilation[0]) * kernel[1] + (col - cols0) // dilation[1]
-        ctx.offset = offset.to(_offset_dtype(kernel[0] * kernel[1]))
+        ctx.save_for_backward(offset.to(_offset_dtype(kernel[0] * kernel[1])))
         ctx.args = (kernel, stride, padding, dilation, ceil_mode)
         ctx.input_shape, ctx.width = x.shape, width
         return y
@@ -40,7 +40,8 @@ class MaxPool2dFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out):
         kernel, stride, padding, dilation, ceil_mode = ctx.args
-        offset = ctx.offset.long()
+        (offset,) = ctx.saved_tensors
+        offset = offset.long()
         kh, kw = offset // kernel[1], offset % kernel[1]
         rows0 = _window_starts(grad_out.shape[-2], stride[0], padding[0], grad_out.device).view(-1, 1)
         cols0 = _window_starts(grad_out.shape[-1], stride[1], padding[1], grad_out.device)
