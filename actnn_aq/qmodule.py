@@ -1,12 +1,17 @@
 """QModule: convert a model's standard layers in place and own its compression state."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
+import aqcore
 from aqcore.nested import tensors
 
 from . import layers as q
+from .ops.attention import ATTENTION_LAYER, routed
+from .saved import EXACT, Plan
 from .settings import QuantizationConfig, snapshot
 from .scheme import Controller
 
@@ -33,11 +38,20 @@ def convert(model: nn.Module, controller: Controller) -> list[str]:
         kind = type(module)
         if kind in CONVERSIONS and (controller.config.convert_bn or kind not in BATCH_NORMS):
             module.__class__ = CONVERSIONS[kind]
+        elif _is_exact_gelu(module):
+            module.approximate = "none"
+            module.__class__ = q.QGELU
         if isinstance(module, q.QLayer):
             if module.uses_scheme:
                 module.aq_scheme = controller.add_layer(name or type(module).__name__)
             names.append(name)
     return names
+
+
+def _is_exact_gelu(module: nn.Module) -> bool:
+    """transformers' GELUActivation (BERT's and many more models' MLP activation) when it
+    runs F.gelu: nn.GELU in all but its class, so it converts to QGELU too."""
+    return type(module).__name__ == "GELUActivation" and getattr(module, "act", None) is nn.functional.gelu
 
 
 def use_expandable_segments() -> None:
@@ -78,10 +92,25 @@ class QModule(nn.Module):
         self.controller.set_sample_indices(indices)
 
     def forward(self, *args, **kwargs):
-        output = self.model(*args, **kwargs)
+        with self._attention_routed():
+            output = self.model(*args, **kwargs)
         if self.controller.guard is not None and self.training and torch.is_grad_enabled():
             first = next((t for t in tensors(output) if t.requires_grad), None)
             if first is not None:  # the guard's check runs at the end of every backward
                 first.register_hook(lambda grad: self.controller.backward_running())
         return output
 
+    def _attention_routed(self):
+        """Training steps send F.scaled_dot_product_attention through ops/attention.py."""
+        cfg = self.config
+        if not (self.training and torch.is_grad_enabled() and cfg.compress and cfg.attention_bit < 32):
+            return contextlib.nullcontext()
+        controller = self.controller
+
+        def plan_for(call: int) -> Plan:
+            if not controller.ladder:  # the guard barred every level
+                return EXACT
+            level = controller.lifted(aqcore.parse_level(cfg.attention_bit))
+            seed = controller.seed(ATTENTION_LAYER + call, controller.iteration)
+            return Plan(level, seed, cfg.group_size, cfg.swap)
+        return routed(plan_for)

@@ -35,6 +35,8 @@ class QuantizationConfig:
     group_size: values per quantization group.
     guard: watch the gradients; after a bad step (non-finite, or far above the recent
         peak) bar the lowest precision (scheme.py, aqcore/guard.py).
+    attention_bit: the level of the q, k, v that F.scaled_dot_product_attention keeps
+        (8, 4 or 2; 32: exact), ops/attention.py.
     """
 
     level: str = "L3"
@@ -49,6 +51,7 @@ class QuantizationConfig:
     use_gradient: bool = False
     group_size: int = 256
     guard: bool = True
+    attention_bit: int = 4
 
     @property
     def ladder(self) -> tuple[Level, ...]:
@@ -78,6 +81,8 @@ class QuantizationConfig:
         elif self.bit not in PLAIN_BITS and not (self.aq_bit and self.bit == self.aq_bit):
             raise ValueError(f"level {self.level} stores one fixed level: bit must be 1, 2, 4 or 8, "
                              f"or equal to aq_bit for AQ (got bit={self.bit!r}, aq_bit={self.aq_bit!r})")
+        if self.attention_bit not in (8, 4, 2, 32):
+            raise ValueError(f"attention_bit must be 8, 4, 2 or 32 (exact), got {self.attention_bit!r}")
         if not isinstance(self.group_size, int) or self.group_size < 32 or self.group_size % 32:
             raise ValueError(f"group_size must be a positive multiple of 32 (got {self.group_size!r})")
 
