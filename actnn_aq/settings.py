@@ -36,7 +36,8 @@ class QuantizationConfig:
     guard: watch the gradients; after a bad step (non-finite, or far above the recent
         peak) bar the lowest precision (scheme.py, aqcore/guard.py).
     attention_bit: the level of the q, k, v that F.scaled_dot_product_attention keeps
-        (8, 4 or 2; 32: exact), ops/attention.py.
+        (8, 4 or 2; 32: exact), ops/attention.py; 8 by default: at 4, a small BERT at
+        1.25 bits lost 2.3 points of held-out accuracy, at 8 0.2.
     """
 
     level: str = "L3"
@@ -51,7 +52,7 @@ class QuantizationConfig:
     use_gradient: bool = False
     group_size: int = 256
     guard: bool = True
-    attention_bit: int = 4
+    attention_bit: int = 8
 
     @property
     def ladder(self) -> tuple[Level, ...]:
