@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Sequence, Union
 
 import torch
 
 import aqcore
 from aqcore import CompressedTensor, Level
+from aqcore.format import TENSOR_FIELDS
 
 LevelChoice = Union[Level, Sequence[Level], None]
 
@@ -102,29 +103,24 @@ class Packed:
 
 
 StoredItem = Union[torch.Tensor, CompressedTensor, None]
-_CT_TENSORS = ("payload", "meta", "table", "mask")
 
 
 def save(ctx, *items: StoredItem) -> None:
     """ctx.save_for_backward for tensors and compressed tensors alike. A compressed tensor's
     own tensors go to autograd, which frees them once their backward has run (unless
     retain_graph) and raises its usual error on a second backward, as for any saved
-    tensor; ctx keeps only the fields that rebuild it."""
-    flat, layout = [], []
+    tensor; ctx keeps the compressed tensor without them (with_tensors of Nones)."""
+    flat, shells = [], []
     for item in items:
-        if isinstance(item, CompressedTensor):
-            layout.append({f.name: getattr(item, f.name) for f in fields(item) if f.name not in _CT_TENSORS})
-            flat += [getattr(item, name) for name in _CT_TENSORS]
-        else:
-            layout.append(None)
-            flat.append(item)
-    ctx.saved_layout = layout
+        compressed = isinstance(item, CompressedTensor)
+        shells.append(item.with_tensors([None] * len(TENSOR_FIELDS)) if compressed else None)
+        flat += item.tensors if compressed else (item,)
+    ctx.saved_shells = shells
     ctx.save_for_backward(*flat)
 
 
 def restore(ctx) -> list[StoredItem]:
     """The items given to save(), in order."""
     saved = iter(ctx.saved_tensors)
-    return [next(saved) if rest is None else
-            CompressedTensor(**rest, **{name: next(saved) for name in _CT_TENSORS})
-            for rest in ctx.saved_layout]
+    return [next(saved) if shell is None else shell.with_tensors([next(saved) for _ in TENSOR_FIELDS])
+            for shell in ctx.saved_shells]

@@ -172,7 +172,7 @@ class LayerScheme:
             self.controller.last_weighted = obs
         else:
             obs.source = self.controller.last_weighted
-        runs = [level.avg for level in self.controller.ladder if level.is_aq]
+        runs = self.controller.aq_runs
         if batch_norm and obs.measure and source is not None and runs and x.dim() > 1:
             scale = 1.0 if channel_scale is None else channel_scale.view((1, -1) + (1,) * (x.dim() - 2))
             self.source_grad_sq = torch.stack([source(deviation(x, k) * scale).flatten(1).float().square().sum(1)
@@ -252,6 +252,11 @@ class Controller:
     def ladder(self) -> tuple[Level, ...]:
         """The config's ladder above the floor; empty once the guard has barred every level."""
         return tuple(l for l in self.config.ladder if l.bits_per_value >= self.floor)
+
+    @property
+    def aq_runs(self) -> list[int]:
+        """The run lengths of the ladder's AQ levels."""
+        return [level.avg for level in self.ladder if level.is_aq]
 
     @property
     def reallocating(self) -> bool:

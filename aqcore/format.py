@@ -113,6 +113,9 @@ def row_layout(levels: Sequence[Level], row_numel: int, group_size: int) -> RowL
     return RowLayout(tuple(byte_offsets), tuple(group_offsets), nbytes, ngroups)
 
 
+TENSOR_FIELDS = ("payload", "meta", "table", "mask")  # CompressedTensor's tensors
+
+
 @dataclass(frozen=True)
 class CompressedTensor:
     """A compressed activation: everything needed to rebuild it, and nothing else.
@@ -146,10 +149,18 @@ class CompressedTensor:
         return self.payload.device
 
     @property
+    def tensors(self) -> tuple[torch.Tensor | None, ...]:
+        """Its tensors, in TENSOR_FIELDS order (None where absent): what with_tensors takes."""
+        return tuple(getattr(self, name) for name in TENSOR_FIELDS)
+
+    def with_tensors(self, tensors: "Sequence[torch.Tensor | None]") -> "CompressedTensor":
+        """The same compressed tensor over other tensors (moved, or handed to autograd and back)."""
+        return replace(self, **dict(zip(TENSOR_FIELDS, tensors)))
+
+    @property
     def nbytes(self) -> int:
         """Every byte this object holds in tensors: payload, per-group metadata, row table, mask."""
-        held = [t for t in (self.payload, self.meta, self.table, self.mask) if t is not None]
-        return sum(t.numel() * t.element_size() for t in held)
+        return sum(t.numel() * t.element_size() for t in self.tensors if t is not None)
 
     def row_levels(self) -> tuple[Level, ...]:
         """The level of each row (one level for a tensor stored whole). The allocated
@@ -163,8 +174,5 @@ class CompressedTensor:
         return row_layout(self.levels, self.row_numel, self.group_size)
 
     def to(self, device: "torch.device | str", non_blocking: bool = False) -> "CompressedTensor":
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=non_blocking)
-
-        return replace(self, payload=move(self.payload), meta=move(self.meta),
-                       table=move(self.table), mask=move(self.mask))
+        return self.with_tensors([None if t is None else t.to(device, non_blocking=non_blocking)
+                                  for t in self.tensors])

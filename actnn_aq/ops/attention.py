@@ -21,6 +21,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from torch.utils.checkpoint import get_device_states, set_device_states
 
 from ..saved import Packed, Plan, restore, save
 
@@ -30,12 +31,12 @@ ATTENTION_LAYER = 1 << 20  # seed keys of attention calls, apart from the Q-laye
 class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, attn_mask, options: dict, plan: Plan):
-        devices = sorted({t.device for t in (q, k, v)}, key=str)
-        ctx.rng = _rng_states(devices) if options.get("dropout_p", 0.0) > 0 else None
+        ctx.rng = (torch.get_rng_state(), *get_device_states(q, k, v)) \
+            if options.get("dropout_p", 0.0) > 0 else None
         out = _SDPA(q, k, v, attn_mask=attn_mask, **options)
         ctx.held = [Packed(t, plan) for t in (q, k, v)]
         save(ctx, *(h.stored(t) for h, t in zip(ctx.held, (q, k, v))), attn_mask)
-        ctx.options, ctx.devices = options, devices
+        ctx.options = options
         return out
 
     @staticmethod
@@ -44,10 +45,12 @@ class AttentionFunction(torch.autograd.Function):
         *stored, attn_mask = restore(ctx)
         inputs = [h.unpack(s).detach().requires_grad_(need)
                   for h, s, need in zip(ctx.held, stored, ctx.needs_input_grad[:3])]
-        with torch.enable_grad(), torch.random.fork_rng(devices=[d for d in ctx.devices if d.type == "cuda"],
-                                                        enabled=ctx.rng is not None):
-            if ctx.rng is not None:
-                _set_rng_states(ctx.rng)
+        replay = ctx.rng is not None  # the forward's random state, as activation checkpointing does
+        with torch.enable_grad(), torch.random.fork_rng(devices=ctx.rng[1] if replay else [], enabled=replay):
+            if replay:
+                cpu_state, devices, states = ctx.rng
+                torch.set_rng_state(cpu_state)
+                set_device_states(devices, states)
             out = _SDPA(*inputs, attn_mask=attn_mask, **ctx.options)
         wanted = [t for t in inputs if t.requires_grad]
         grads = iter(torch.autograd.grad(out, wanted, grad_out) if wanted else ())
@@ -77,18 +80,3 @@ def routed(plan_for) -> Iterator[None]:
     finally:
         F.scaled_dot_product_attention = _SDPA
 
-
-def _rng_states(devices) -> dict:
-    states = {"cpu": torch.get_rng_state()}
-    for device in devices:
-        if device.type == "cuda":
-            states[device] = torch.cuda.get_rng_state(device)
-    return states
-
-
-def _set_rng_states(states: dict) -> None:
-    for device, state in states.items():
-        if device == "cpu":
-            torch.set_rng_state(state)
-        else:
-            torch.cuda.set_rng_state(state, device)

@@ -77,7 +77,7 @@ class ConvFunction(torch.autograd.Function):
         ctx.along_last = not spec.transposed and _innermost_is_last(x)
         ctx.means = None  # runs across channels: the deviation's means (sensitivity.py)
         if obs is not None and obs.full and not spec.transposed:
-            runs = _aq_runs(obs)
+            runs = obs.scheme.controller.aq_runs
             if runs and not ctx.along_last:
                 ctx.means = mean_deviation(x, runs, 1, spec.groups)
             if obs.measure:
@@ -141,13 +141,9 @@ def _innermost_is_last(x: torch.Tensor) -> bool:
     return x.dim() > 2 and bool(sized) and min(sized, key=lambda d: x.stride(d)) == x.dim() - 1
 
 
-def _aq_runs(obs: Observation) -> list[int]:
-    return [level.avg for level in obs.scheme.controller.ladder if level.is_aq]
-
-
 def _gain(ctx, grad_out: torch.Tensor):
     """The run gain of the ladder's AQ levels (sensitivity.run_gain), computed on demand."""
-    runs = _aq_runs(ctx.obs)
+    runs = ctx.obs.scheme.controller.aq_runs
     if not runs:
         return None
     return lambda: run_gain(grad_out.detach(), runs, ctx.spec.stride[-1])
@@ -165,7 +161,7 @@ class LinearFunction(torch.autograd.Function):
         y = F.linear(x, weight, bias)
         _keep(ctx, x, plan, weight)
         ctx.obs = obs
-        runs = _aq_runs(obs) if obs is not None and obs.full and x.dim() > 1 else []
+        runs = obs.scheme.controller.aq_runs if obs is not None and obs.full and x.dim() > 1 else []
         ctx.means = mean_deviation(x, runs, -1) if runs else None  # runs cross the features
         if obs is not None and obs.measure:
             obs.scheme.controller.offer(y, _linear_weight_grad(x.detach()))
