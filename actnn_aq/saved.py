@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Sequence, Union
 
 import torch
@@ -109,18 +109,20 @@ def save(ctx, *items: StoredItem) -> None:
     """ctx.save_for_backward for tensors and compressed tensors alike. A compressed tensor's
     own tensors go to autograd, which frees them once their backward has run (unless
     retain_graph) and raises its usual error on a second backward, as for any saved
-    tensor; ctx keeps the compressed tensor without them (with_tensors of Nones)."""
-    flat, shells = [], []
+    tensor; ctx keeps only its other fields, which rebuild it."""
+    flat, rests = [], []
     for item in items:
         compressed = isinstance(item, CompressedTensor)
-        shells.append(item.with_tensors([None] * len(TENSOR_FIELDS)) if compressed else None)
+        rests.append({f.name: getattr(item, f.name) for f in fields(item) if f.name not in TENSOR_FIELDS}
+                     if compressed else None)
         flat += item.tensors if compressed else (item,)
-    ctx.saved_shells = shells
+    ctx.saved_rests = rests
     ctx.save_for_backward(*flat)
 
 
 def restore(ctx) -> list[StoredItem]:
     """The items given to save(), in order."""
     saved = iter(ctx.saved_tensors)
-    return [next(saved) if shell is None else shell.with_tensors([next(saved) for _ in TENSOR_FIELDS])
-            for shell in ctx.saved_shells]
+    return [next(saved) if rest is None else
+            CompressedTensor(**rest, **{name: next(saved) for name in TENSOR_FIELDS})
+            for rest in ctx.saved_rests]
