@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--aq-bit", type=float, default=0.5)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rows", type=int, default=20)
+    parser.add_argument("--nchw", action="store_true", help="ResNet-50 in NCHW, not channels_last")
     args = parser.parse_args()
     args.batch = args.batch or {"resnet50": 128, "bert-large": 32, "tiny": 32}[args.model]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

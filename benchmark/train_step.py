@@ -2,6 +2,7 @@
 
     python benchmark/train_step.py --model resnet50 [--batch 128] [--bit 1.5 --aq-bit 0.5]
     python benchmark/train_step.py --model bert-large [--batch 32]
+    python benchmark/train_step.py --model resnet50 --nchw --modes exact actnn_aq actnn_aq-noguard
 
 Per mode: warm-up steps (gact_aq adapts its levels on the first), then the median of
 --steps timed steps (forward + backward + optimizer, synchronized). Activation memory =
@@ -34,7 +35,8 @@ from common import allocated_during, median_ms, now, resnet  # noqa: E402
 from gact_aq.controller import Controller  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ("exact", "exact-bf16", "checkpoint", "gact_aq", "actnn_aq")
+MODES = ("exact", "exact-bf16", "checkpoint", "gact_aq", "actnn_aq", "gact_aq-noguard",
+         "actnn_aq-noguard")  # -noguard: the same with config.guard off (what the guard costs)
 
 
 class Checkpointed(nn.Module):
@@ -60,8 +62,9 @@ def checkpoint_blocks(model: nn.Module, name: str) -> None:
         setattr(parent, name, Checkpointed(child))
 
 
-def build(name: str, batch: int, device: torch.device):
-    """(model, inputs, labels, loss_fn) for one benchmark model."""
+def build(name: str, batch: int, device: torch.device, channels_last: bool = True):
+    """(model, inputs, labels, loss_fn) for one benchmark model (ResNet-50 channels_last
+    unless channels_last is False)."""
     if name == "bert-large":
         from transformers import BertConfig, BertForSequenceClassification
 
@@ -74,8 +77,9 @@ def build(name: str, batch: int, device: torch.device):
     if name == "resnet50":
         import torchvision
 
-        model = torchvision.models.resnet50().to(device).to(memory_format=torch.channels_last)
-        inputs = torch.randn(batch, 3, 224, 224, device=device).to(memory_format=torch.channels_last)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        model = torchvision.models.resnet50().to(device).to(memory_format=layout)
+        inputs = torch.randn(batch, 3, 224, 224, device=device).to(memory_format=layout)
     else:
         model = resnet().to(device)
         inputs = torch.randn(batch, 3, 32, 32, device=device)
@@ -88,7 +92,7 @@ class Setup:
 
     def __init__(self, mode: str, args, device: torch.device):
         torch.manual_seed(0)
-        model, self.x, self.y, self.loss_fn = build(args.model, args.batch, device)
+        model, self.x, self.y, self.loss_fn = build(args.model, args.batch, device, not args.nchw)
         model.train()
         self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mode == "exact-bf16" \
@@ -96,12 +100,13 @@ class Setup:
         self.controller = None
         if mode == "checkpoint":
             checkpoint_blocks(model, args.model)
-        if mode == "gact_aq":
-            gact_aq.set_optimization_level("L2.2", bit=args.bit, aq_bit=args.aq_bit)
+        framework, _, variant = mode.partition("-")
+        if framework == "gact_aq":
+            gact_aq.set_optimization_level("L2.2", bit=args.bit, aq_bit=args.aq_bit).guard = variant != "noguard"
             self.controller = Controller(model)
             self.controller.install_hook()
-        elif mode == "actnn_aq":
-            actnn_aq.set_optimization_level("L3", bit=args.bit, aq_bit=args.aq_bit)
+        elif framework == "actnn_aq":
+            actnn_aq.set_optimization_level("L3", bit=args.bit, aq_bit=args.aq_bit).guard = variant != "noguard"
             model = actnn_aq.QModule(model)
         self.model = model
 
@@ -165,15 +170,17 @@ def main() -> None:
     parser.add_argument("--aq-bit", type=float, default=0.5)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    parser.add_argument("--modes", nargs="+", default=list(MODES[:5]), choices=MODES)
+    parser.add_argument("--nchw", action="store_true", help="ResNet-50 in NCHW, not channels_last")
     args = parser.parse_args()
     args.batch = args.batch or {"resnet50": 128, "bert-large": 32, "tiny": 32}[args.model]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    out = RESULTS / f"train_step_{args.model}_{args.bit:g}b_{re.sub(r'[^a-z0-9]+', '_', gpu.lower())}.json"
+    layout = "_nchw" if args.nchw else ""
+    out = RESULTS / f"train_step_{args.model}{layout}_{args.bit:g}b_{re.sub(r'[^a-z0-9]+', '_', gpu.lower())}.json"
     report = {"command": "python " + " ".join(sys.argv), "gpu": gpu, "torch": torch.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "model": args.model, "batch": args.batch, "bit": args.bit, "aq_bit": args.aq_bit,
+              "model": args.model, "nchw": args.nchw, "batch": args.batch, "bit": args.bit, "aq_bit": args.aq_bit,
               "records": []}
     RESULTS.mkdir(exist_ok=True)
     for mode in args.modes:
