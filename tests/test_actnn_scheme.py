@@ -291,8 +291,8 @@ def test_swap_holds_payloads_in_cpu_memory():
     actnn_aq.set_optimization_level("L4", bit=2)
     conv = actnn_aq.QModule(nn.Conv2d(3, 4, 3).cuda()).model
     y = conv(torch.randn(4, 3, 8, 8, device="cuda"))
-    held = y.grad_fn.held.data
-    assert held.payload.device.type == "cpu" and held.payload.is_pinned()
+    payload = y.grad_fn.saved_tensors[0]  # the compressed input's first tensor (saved.save)
+    assert payload.dtype == torch.uint8 and payload.device.type == "cpu" and payload.is_pinned()
     y.sum().backward()
     assert conv.weight.grad.device.type == "cuda"
 
