@@ -98,7 +98,7 @@ class Packed:
 
     def unpack(self, stored: StoredItem) -> torch.Tensor:
         """The tensor back on its device (decompressed); stored: what stored() gave, restored."""
-        data = stored.to(self.device, non_blocking=True)
+        data = stored if stored.device == self.device else stored.to(self.device, non_blocking=True)
         return aqcore.decompress(data).view(self.shape) if isinstance(data, CompressedTensor) else data
 
 

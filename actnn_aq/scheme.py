@@ -88,9 +88,9 @@ class Observation:
         input gradient, how much more shared AQ rounding costs and the coherent part of
         the AQ deviation (sensitivity.py): noise(), gain() and price() compute those, only
         when needed."""
-        g = grad_output.detach()
-        sq = g.reshape(g.shape[0], -1).float().square().sum(1) if g.dim() > 1 else \
-            g.float().square().sum().reshape(1)
+        g = grad_output.detach()  # per-sample norms in any layout, without a copy
+        dims = tuple(range(1, g.dim())) if g.dim() > 1 else None
+        sq = torch.linalg.vector_norm(g, dim=dims, dtype=torch.float32).square().reshape(-1)
         self.grad_sq = torch.where(torch.isfinite(sq), sq, torch.nan)
         self.noise = noise() if noise is not None and self.full else None
         self.run_gain = gain() if gain is not None and self.full else None
@@ -144,12 +144,12 @@ class LayerScheme:
 
     def plan(self, x: torch.Tensor, fan: float | None = None, weight: torch.Tensor | None = None,
              batch_norm: bool = False, produced: torch.Tensor | None = None,
-             channel_scale: torch.Tensor | None = None) -> tuple[Plan, Observation | None]:
+             invstd: torch.Tensor | None = None) -> tuple[Plan, Observation | None]:
         """How to store this call's input x, and the observation its backward fills in.
         Weighted layers (conv/linear) give their fan_in and weight; batch norms say so
         (their averaging deviation is measured on some re-allocation passes; see
         sensitivity.py), and when x is their normalized input, the input as produced and
-        the per-channel scale back to it (1 / invstd)."""
+        the per-channel invstd it was normalized with."""
         cfg = self.controller.config
         self.calls += 1
         source = self.controller.take_offer(x if produced is None else produced)
@@ -174,7 +174,7 @@ class LayerScheme:
             obs.source = self.controller.last_weighted
         runs = self.controller.aq_runs
         if batch_norm and obs.measure and source is not None and runs and x.dim() > 1:
-            scale = 1.0 if channel_scale is None else channel_scale.view((1, -1) + (1,) * (x.dim() - 2))
+            scale = 1.0 if invstd is None else invstd.reciprocal().view((1, -1) + (1,) * (x.dim() - 2))
             self.source_grad_sq = torch.stack([source(deviation(x, k) * scale).flatten(1).float().square().sum(1)
                                                for k in runs])
         if self.level_factor is not None:
@@ -204,12 +204,8 @@ class LayerScheme:
         c = obs.coef * self.sample_scale(obs) + obs.propagated()
         return torch.nan_to_num(c.float(), nan=0.0, posinf=0.0)
 
-    def update(self) -> None:
-        """Fold this backward's observations into the gradient statistics (device ops)."""
-        grads = torch.cat([o.grad_sq for o in self.observed])
-        mean = torch.nanmean(grads)
-        previous = self.grad_scale if self.grad_scale is not None else torch.ones_like(mean)
-        self.grad_scale = torch.where(torch.isnan(mean), previous, mean)
+    def remember(self) -> None:
+        """Fold this backward's per-sample ||g_n||^2 into the use_gradient memory."""
         for obs in self.observed:
             if obs.indices is not None:
                 self._remember(obs.indices, obs.grad_sq)
@@ -238,6 +234,8 @@ class Controller:
         self.floor = 0.0  # levels whose codes take fewer bits per value are barred (guard)
         self.guard: GradientGuard | None = None
         self.guard_events: list[dict] = []
+        self._ladder_key: tuple | None = None
+        self._ladder: tuple[tuple[Level, ...], tuple[int, ...]] = ((), ())
         self._recovering = False  # this iteration re-allocates and re-measures after an alarm
         self._heeded_at: int | None = None  # the iteration whose first forward read the alarm
         self.layers: list[LayerScheme] = []
@@ -245,18 +243,28 @@ class Controller:
         self.last_weighted: Observation | None = None  # the last conv/linear forward
         self._indices: torch.Tensor | None = None
         self._queued_for: int | None = None  # the backward pass finish_backward is queued on
+        self._segments: tuple = (None, None)  # (key, the layer of each grads entry) (_update_grad_scales)
         self._shares: tuple[list[tuple[LayerScheme, int]], torch.Tensor, object] | None = None
         self._offer: tuple[tuple, Callable[[torch.Tensor], torch.Tensor]] | None = None
 
     @property
     def ladder(self) -> tuple[Level, ...]:
         """The config's ladder above the floor; empty once the guard has barred every level."""
-        return tuple(l for l in self.config.ladder if l.bits_per_value >= self.floor)
+        return self._rungs()[0]
 
     @property
     def aq_runs(self) -> list[int]:
         """The run lengths of the ladder's AQ levels."""
-        return [level.avg for level in self.ladder if level.is_aq]
+        return list(self._rungs()[1])
+
+    def _rungs(self) -> tuple[tuple[Level, ...], tuple[int, ...]]:
+        """(ladder, AQ run lengths), rebuilt only when the floor or aq_bit changes: layers ask
+        several times per call, and building it parses every level."""
+        key = (self.floor, self.config.aq_bit)
+        if self._ladder_key != key:
+            ladder = tuple(l for l in self.config.ladder if l.bits_per_value >= self.floor)
+            self._ladder_key, self._ladder = key, (ladder, tuple(l.avg for l in ladder if l.is_aq))
+        return self._ladder
 
     @property
     def reallocating(self) -> bool:
@@ -379,8 +387,9 @@ class Controller:
         """End of a backward pass: update statistics, re-split the budget across layers."""
         self._queued_for = None
         observed = [s for s in self.layers if s.observed]
+        self._update_grad_scales(observed)
         for scheme in observed:
-            scheme.update()
+            scheme.remember()
         full = [o for s in observed for o in s.observed if o.full]
         if full:
             self.reallocate(full)
@@ -393,6 +402,25 @@ class Controller:
         self.iteration += 1
         if self.guard is not None:
             self._check_gradients()
+
+    def _update_grad_scales(self, schemes: list[LayerScheme]) -> None:
+        """Each layer's grad_scale <- the mean ||g_n||^2 of this backward (NaN entries left
+        out; kept when none is finite), all layers in a few launches (device ops)."""
+        if not schemes:
+            return
+        grads = torch.cat([o.grad_sq for s in schemes for o in s.observed])
+        counts = tuple(sum(len(o.grad_sq) for o in s.observed) for s in schemes)
+        if self._segments[0] != (counts, grads.device):
+            owner = torch.arange(len(counts)).repeat_interleave(torch.tensor(counts))
+            self._segments = ((counts, grads.device), _to_device(owner, grads.device))
+        owner = self._segments[1]
+        seen = ~torch.isnan(grads)
+        sums = grads.new_zeros(len(schemes)).index_add_(0, owner, torch.where(seen, grads, 0))
+        mean = sums / grads.new_zeros(len(schemes)).index_add_(0, owner, seen.float())
+        previous = torch.stack([s.grad_scale if s.grad_scale is not None else grads.new_ones(())
+                                for s in schemes])
+        for scheme, scale in zip(schemes, torch.where(torch.isnan(mean), previous, mean).unbind()):
+            scheme.grad_scale = scale
 
     def reallocate(self, observations: list[Observation]) -> None:
         """One joint allocation over all (layer, sample) units of this backward at the

@@ -1,6 +1,7 @@
 """compress / decompress: the public entry points, dispatching to kernel or reference."""
 from __future__ import annotations
 
+import functools
 import numbers
 import operator
 from typing import Sequence
@@ -127,14 +128,15 @@ def _raw(x: torch.Tensor, level: Level | None, seed: int, group_size: int) -> Co
 
 def pack_mask(mask: torch.Tensor) -> CompressedTensor:
     """Pack a 0/1 tensor (bool, or uint8 dropout masks) at one bit per value, losslessly
-    for 0/1 data (any nonzero byte reads back as 1)."""
+    for 0/1 data (any nonzero byte reads back as 1), in its memory order: a channels_last
+    mask is packed without a copy and unpacks channels_last."""
     _need_tensor("pack_mask", "mask", mask)
     if mask.dtype not in (torch.bool, torch.uint8):
         raise TypeError(f"pack_mask takes bool or uint8 0/1 tensors, not {mask.dtype}")
-    flat = mask.contiguous()
-    packed = _backend(mask.device).pack_bits(flat if flat.dtype == torch.bool else flat != 0)
+    ordered, perm = _memory_order(mask, 1)
+    packed = _backend(mask.device).pack_bits(ordered if ordered.dtype == torch.bool else ordered != 0)
     return CompressedTensor(KIND_BITS, packed, torch.empty(0), mask.shape, mask.dtype, (),
-                            0, DEFAULT_GROUP_SIZE, tuple(range(mask.dim())))
+                            0, DEFAULT_GROUP_SIZE, perm)
 
 
 def _compress_rows(rows: torch.Tensor, levels: tuple[Level, ...], seed: int, group_size: int,
@@ -198,6 +200,13 @@ def _ladder(ladder: Sequence[LevelSpec]) -> tuple[Level, ...]:
     if isinstance(ladder, (str, bytes, Level)) or not isinstance(ladder, Sequence):
         raise TypeError(f"aqcore.compress_allocated takes a ladder: a list of levels from the "
                         f"most to the least bits per value, e.g. ['8', '4', '2'], got {ladder!r}")
+    return _parsed_ladder(tuple(ladder))
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_ladder(ladder: tuple) -> tuple[Level, ...]:
+    """The checked levels of a ladder, cached: a layer compresses with the same ladder on
+    every call, and parsing and checking it took longer than the kernels of a small layer."""
     levels = tuple(parse_level(l) for l in ladder)
     if not 1 <= len(levels) <= 8 or any(l.is_raw or l.zeros for l in levels):
         raise ValueError(f"a ladder holds 1 to 8 per-row levels (no raw or zero-keeping ones), "
@@ -243,13 +252,11 @@ def compress_allocated(x: torch.Tensor, ladder: Sequence[LevelSpec], weights: to
     if errors is None:
         errors = level_errors(rows, group_size, levels)
     weighted = weights.to(rows.device, torch.float32).unsqueeze(1) * errors.float()
-    slots = [slot_bytes(level, rows.shape[1], group_size) for level in levels]
-    totals = [total for _, total in slots]
+    ids, totals, codes, per_row = _layout_sizes(levels, rows.shape[1], group_size, float(bits))
     if budget is None:
-        budget = rows.shape[0] * row_budget(levels, rows.shape[1], group_size, bits)
+        budget = rows.shape[0] * per_row
     budget = min(max(int(budget), rows.shape[0] * min(totals)), rows.shape[0] * max(totals))
-    _, table = allocate_layout(weighted, budget, [QUANTIZED_LEVELS.index(l) for l in levels],
-                               totals, [codes for codes, _ in slots])
+    _, table = allocate_layout(weighted, budget, ids, totals, codes)
     payload = torch.zeros(aligned(budget), dtype=torch.uint8, device=x.device)
     _backend(x.device).compress_table(rows, table, payload, seed, group_size)
     ct = CompressedTensor(KIND_CODES, payload, payload.new_empty(0), x.shape, x.dtype, levels,
@@ -257,12 +264,25 @@ def compress_allocated(x: torch.Tensor, ladder: Sequence[LevelSpec], weights: to
     return ct, errors
 
 
+@functools.lru_cache(maxsize=4096)
+def _layout_sizes(levels: tuple[Level, ...], row_numel: int, group_size: int, bits: float
+                  ) -> tuple[list[int], list[int], list[int], int]:
+    """Per ladder level: its QUANTIZED_LEVELS index, a row's slot bytes and code bytes; and
+    a row's budget at `bits` (format.row_budget). Cached per layer shape."""
+    slots = [slot_bytes(level, row_numel, group_size) for level in levels]
+    return ([QUANTIZED_LEVELS.index(l) for l in levels], [total for _, total in slots],
+            [codes for codes, _ in slots], row_budget(levels, row_numel, group_size, bits))
+
+
+def _in_original_order(ordered: torch.Tensor, perm: tuple[int, ...]) -> torch.Tensor:
+    """A tensor in memory order (dims permuted by perm) viewed in the original dim order."""
+    return ordered.permute(sorted(range(len(perm)), key=lambda d: perm[d]))
+
+
 def _permuted_empty(ct: CompressedTensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An output in the original layout, and its contiguous memory-order view."""
-    ordered_shape = [ct.shape[d] for d in ct.perm]
-    ordered = torch.empty(ordered_shape, dtype=ct.dtype, device=ct.device)
-    inverse = sorted(range(len(ct.perm)), key=lambda d: ct.perm[d])
-    return ordered.permute(inverse), ordered
+    ordered = torch.empty([ct.shape[d] for d in ct.perm], dtype=ct.dtype, device=ct.device)
+    return _in_original_order(ordered, ct.perm), ordered
 
 
 def decompress(ct: CompressedTensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -278,8 +298,8 @@ def decompress(ct: CompressedTensor, out: torch.Tensor | None = None) -> torch.T
         result = ct.payload if ct.payload.dtype == ct.dtype else ct.payload.to(ct.dtype)
         return out.copy_(result) if out is not None else result
     if ct.kind == KIND_BITS:
-        values = _backend(ct.device).unpack_bits(ct.payload, ct.shape.numel()).view(ct.shape)
-        values = values.to(ct.dtype)
+        ordered = _backend(ct.device).unpack_bits(ct.payload, ct.shape.numel())
+        values = _in_original_order(ordered.view([ct.shape[d] for d in ct.perm]), ct.perm).to(ct.dtype)
         return out.copy_(values) if out is not None else values
     if out is None:
         result, ordered = _permuted_empty(ct)

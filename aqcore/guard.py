@@ -24,6 +24,8 @@ from typing import Iterable
 
 import torch
 
+from . import kernels
+
 FACTOR = 10.0       # a jump this many times the recent peak norm is an explosion
 WARMUP = 20         # good steps before jumps count (the first steps' norms move fast)
 DECAY = 0.99        # of the recent peak, per good step
@@ -59,8 +61,7 @@ class GradientGuard:
         updated = torch.where(good == 0, log_norm, torch.maximum(peak + math.log(DECAY), log_norm))
         self._state = torch.stack([torch.where(bad, peak, updated),
                                    good + (~bad).float(), alarms + bad.float()])
-        for g in grads:
-            g.masked_fill_(bad, 0)
+        _zero_if(bad, grads)
         self.steps += 1
         self._publish()
 
@@ -87,3 +88,15 @@ class GradientGuard:
     def peak_norm(self) -> float:
         """The recent peak gradient norm (reads the device: for reports, not the loop)."""
         return math.exp(self._state[0].item()) if self._state is not None else math.nan
+
+
+def _zero_if(flag: torch.Tensor, tensors: list[torch.Tensor]) -> None:
+    """Zero every tensor where the 0-dim bool flag is set: on CUDA the dense ones in a few
+    kernel launches (one masked_fill per tensor cost 5% of a ResNet-50 step in host time)."""
+    fast = flag.is_cuda and kernels.available()
+    by_kernel = [fast and t.is_cuda and t.is_non_overlapping_and_dense() for t in tensors]
+    if any(by_kernel):
+        kernels.zero_if(flag, [t for t, k in zip(tensors, by_kernel) if k])
+    for t, k in zip(tensors, by_kernel):
+        if not k:
+            t.masked_fill_(flag, 0)

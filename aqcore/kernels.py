@@ -198,12 +198,11 @@ def _make_plan(ids: bytes, row_numel: int, group_size: int, device: torch.device
     return _Plan(byte_offsets[-1], group_offsets[-1], padded, table, -1, 0, 0)
 
 
-def _row_plan(levels: Sequence[Level], row_numel: int, group_size: int,
-              device: torch.device) -> _Plan:
+def _row_plan(ids: bytes, row_numel: int, group_size: int, device: torch.device) -> _Plan:
     """The plan of these rows, cached: building it takes ~1 us per row in Python, longer than
     the kernels for small tensors. A table is reused on the stream that uploaded it only."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (_level_ids(levels), row_numel, group_size, device, stream)
+    key = (ids, row_numel, group_size, device, stream)
     plan = _PLANS.get(key)
     if plan is None:
         plan = _PLANS[key] = _make_plan(key[0], row_numel, group_size, device)
@@ -219,12 +218,12 @@ def _signed64(seed: int) -> int:
     return seed - (1 << 64) if seed >= 1 << 63 else seed
 
 
-def _compress(rows: torch.Tensor, levels: Sequence[Level], seed: int, group_size: int,
-              errors: bool):
+def _compress(rows: torch.Tensor, ids: bytes, seed: int, group_size: int, errors: bool):
+    """ids: _level_ids of the rows' levels."""
     ops = _extension()
     rows = rows.contiguous()
     n_rows, row_numel = rows.shape
-    plan = _row_plan(levels, row_numel, group_size, rows.device)
+    plan = _row_plan(ids, row_numel, group_size, rows.device)
     payload = (torch.zeros if plan.padded else torch.empty)(plan.total_bytes, dtype=torch.uint8,
                                                             device=rows.device)
     meta = torch.empty(plan.total_groups, 2, dtype=torch.bfloat16, device=rows.device)
@@ -246,7 +245,7 @@ def _compress(rows: torch.Tensor, levels: Sequence[Level], seed: int, group_size
 def compress_rows(rows: torch.Tensor, levels: Sequence[Level], seed: int,
                   group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Compress (R, F) values, row r at levels[r] -> (payload uint8, meta bfloat16 (groups, 2))."""
-    payload, meta, _ = _compress(rows, levels, seed, group_size, errors=False)
+    payload, meta, _ = _compress(rows, _level_ids(levels), seed, group_size, errors=False)
     return payload, meta
 
 
@@ -254,14 +253,14 @@ def compress_rows_with_errors(rows: torch.Tensor, levels: Sequence[Level], seed:
                               group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """compress_rows plus errors.level_errors(rows, group_size), from the same pass over the
     values when group_size is 256 (else level_errors runs as a second pass)."""
-    return _compress(rows, levels, seed, group_size, errors=True)
+    return _compress(rows, _level_ids(levels), seed, group_size, errors=True)
 
 
 def fused_level_errors(rows: torch.Tensor, levels: Sequence[Level]) -> torch.Tensor:
     """errors.level_errors(rows, 256, levels) from one fused pass: the statistics of a
     compression at the cheapest level, whose codes are dropped (one launch, no sync)."""
-    cheapest = _LEVEL_OF_ID[max(_LEVEL_IDS.values())]
-    _, _, stats = _compress(rows, (cheapest,) * rows.shape[0], 0, FAST_GROUP_SIZE, errors=True)
+    cheapest = bytes([max(_LEVEL_IDS.values())])
+    _, _, stats = _compress(rows, cheapest * rows.shape[0], 0, FAST_GROUP_SIZE, errors=True)
     return _columns(stats, [ERROR_LEVELS.index(level) for level in levels])
 
 
@@ -278,7 +277,7 @@ def decompress_rows(payload: torch.Tensor, meta: torch.Tensor, levels: Sequence[
     ops = _extension()
     target = out if out.is_contiguous() else torch.empty(out.shape, dtype=out.dtype,
                                                          device=out.device)
-    plan = _row_plan(levels, out.shape[1], group_size, out.device)
+    plan = _row_plan(_level_ids(levels), out.shape[1], group_size, out.device)
     ops.decompress(payload.contiguous(), meta.contiguous(), target, plan.table, plan.level,
                    group_size, plan.row_bytes, plan.row_groups)
     if target is not out:
@@ -321,6 +320,12 @@ def allocate_layout(weighted: torch.Tensor, budget: int, codes: list[int], slots
     _extension().allocate(weighted.contiguous(), None, int(budget), choice, table, scratch,
                           list(codes), list(slots), list(payloads))
     return choice, table
+
+
+def zero_if(flag: torch.Tensor, tensors: Sequence[torch.Tensor]) -> None:
+    """Zero the dense CUDA tensors in place when the one-element bool flag is set, decided
+    on the device (a few launches for any number of tensors, no host read)."""
+    _extension().zero_if(flag, list(tensors))
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:

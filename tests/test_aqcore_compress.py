@@ -314,6 +314,21 @@ def test_masks_pack_at_one_bit():
         aqcore.pack_mask(torch.randn(3))
 
 
+def test_masks_pack_in_memory_order_and_unpack_in_the_same_layout():
+    """A channels_last ReLU mask packs without a transposing copy and unpacks channels_last
+    (an NCHW mask there made every ReLU, batch norm and conv backward copy their gradients)."""
+    mask = torch.rand(4, 5, 6, 7) > 0.5
+    last = mask.contiguous(memory_format=torch.channels_last)
+    ct = aqcore.pack_mask(last)
+    assert torch.equal(ct.payload, aqcore.pack_mask(last.permute(0, 2, 3, 1).contiguous()).payload)
+    back = aqcore.decompress(ct)
+    assert torch.equal(back, mask) and back.stride() == last.stride()
+    out = torch.empty_like(mask)
+    assert torch.equal(aqcore.decompress(ct, out=out), mask) and out.is_contiguous()
+    sliced = mask[:, 1:]  # not dense: packed from a contiguous copy
+    assert torch.equal(aqcore.decompress(aqcore.pack_mask(sliced)), sliced)
+
+
 def test_mixed_rows_follow_their_levels():
     torch.manual_seed(3)
     x = torch.randn(4, 3, 50)

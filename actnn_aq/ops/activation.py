@@ -1,7 +1,7 @@
 """ReLU and dropout (a 1-bit mask), GELU and SiLU (the input, compressed).
 
-ReLU keeps the mask "not (y <= 0)", the exact complement of what torch's
-threshold_backward tests, so NaN inputs pass their gradient through as in torch.
+ReLU keeps the mask "y <= 0", what torch's threshold_backward tests, so NaN inputs pass
+their gradient through as in torch.
 Dropout runs aten.native_dropout (what F.dropout runs, same RNG draws) and keeps its mask.
 """
 from __future__ import annotations
@@ -23,14 +23,14 @@ class ReLUFunction(torch.autograd.Function):
         y = torch.relu_(x) if inplace else torch.relu(x)
         if inplace:
             ctx.mark_dirty(x)
-        save(ctx, aqcore.pack_mask(~(y <= 0)))
+        save(ctx, aqcore.pack_mask(y <= 0))
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        mask = aqcore.decompress(*restore(ctx))
-        return torch.where(mask, grad_out, 0), None
+        zeroed = aqcore.decompress(*restore(ctx))
+        return torch.where(zeroed, 0, grad_out), None  # one pass, in grad_out's layout
 
 
 class DropoutFunction(torch.autograd.Function):

@@ -51,12 +51,13 @@ def _keep_normalized(ctx, x: torch.Tensor, mean: torch.Tensor, invstd: torch.Ten
     else:
         shape = _channel_shape(x)
         stored = torch.addcmul((-mean * invstd).view(shape), x, invstd.view(shape)).to(x.dtype)
-        plan, obs = scheme.plan(stored, batch_norm=True, produced=x, channel_scale=invstd.reciprocal())
+        plan, obs = scheme.plan(stored, batch_norm=True, produced=x, invstd=invstd)
         x = stored
     _keep(ctx, x, plan, mean, invstd, *tensors)
     ctx.input_dtype = x.dtype
     if obs is not None:  # errors are priced on what is stored: xhat when normalized
-        obs.coef = norm_coef(_sample_numel(x), torch.ones_like(invstd) if ctx.normalized else invstd)
+        numel = _sample_numel(x)
+        obs.coef = 1.0 / max(numel, 1) if ctx.normalized else norm_coef(numel, invstd)
     return obs
 
 

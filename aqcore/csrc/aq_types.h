@@ -14,6 +14,7 @@ constexpr int kWarpsPerBlock = 4;
 constexpr int kStatColumns = 7;   // one per quantized level, errors.ERROR_LEVELS order
 constexpr int kBitsThreads = 256;
 constexpr int kChunksPerThread = 4;
+constexpr int kZeroTensors = 40;  // tensors per zero_if launch (they travel as kernel arguments)
 
 struct CompressParams {
   const void* in;         // (rows, row_numel) values, contiguous
@@ -68,11 +69,19 @@ struct AllocateParams {
   int64_t payload[8];      // aligned code bytes of a row per level
 };
 
+struct ZeroParams {
+  const uint8_t* flag;            // a bool: zero the tensors' bytes when it is set
+  uint8_t* data[kZeroTensors];    // dense tensors' first bytes
+  int64_t bytes[kZeroTensors];
+  int count;
+};
+
 // Launch on PyTorch's current CUDA stream.
 void launch_compress(int dtype, const CompressParams& p, bool stats);
 void launch_decompress(int dtype, const DecompressParams& p);
 void launch_pack_bits(const BitsParams& b);
 void launch_unpack_bits(const BitsParams& b);
 void launch_allocate(const AllocateParams& p);
+void launch_zero_if(const ZeroParams& p);
 
 }  // namespace aq

@@ -1,5 +1,6 @@
 // The launch functions of aq_types.h: the runtime dtype switch, and the mask kernels.
 #include "aq_bits.cuh"
+#include "aq_zero.cuh"
 #include "aq_launch.cuh"
 
 namespace aq {
@@ -34,6 +35,10 @@ void launch_pack_bits(const BitsParams& b) {
 void launch_unpack_bits(const BitsParams& b) {
   const int64_t blocks = bits_blocks(b.n);
   if (blocks > 0) AQ_LAUNCH(blocks, kBitsThreads, 0, b, unpack_bits_kernel);
+}
+
+void launch_zero_if(const ZeroParams& p) {
+  if (p.count > 0) AQ_LAUNCH(dim3(kZeroBlocks, p.count), kZeroThreads, 0, p, zero_if_kernel);
 }
 
 }  // namespace aq

@@ -102,6 +102,27 @@ void allocate(const at::Tensor& weighted, const c10::optional<at::Tensor>& costs
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+void zero_if(const at::Tensor& flag, const std::vector<at::Tensor>& tensors) {
+  TORCH_CHECK(flag.is_cuda() && flag.numel() == 1 && flag.scalar_type() == at::kBool,
+              "flag must be one CUDA bool");
+  const c10::cuda::CUDAGuard guard(flag.device());
+  aq::ZeroParams p{};
+  p.flag = reinterpret_cast<const uint8_t*>(flag.data_ptr<bool>());
+  for (const at::Tensor& t : tensors) {
+    check_cuda({&flag, &t});
+    TORCH_CHECK(t.is_non_overlapping_and_dense(), "zero_if takes dense tensors");
+    p.data[p.count] = static_cast<uint8_t*>(t.data_ptr());
+    p.bytes[p.count] = t.numel() * t.element_size();
+    if (++p.count == aq::kZeroTensors) {
+      aq::launch_zero_if(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      p.count = 0;
+    }
+  }
+  aq::launch_zero_if(p);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -109,5 +130,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decompress", &decompress, "fused decompression into (rows, values)");
   m.def("pack_bits", &pack_bits, "pack a byte mask at one bit per value (nonzero -> 1)");
   m.def("unpack_bits", &unpack_bits, "unpack a bit mask into 0/1 bytes");
+  m.def("zero_if", &zero_if, "zero dense tensors in place when a device bool is set");
   m.def("allocate", &allocate, "per-row level allocation under a byte budget (allocate.py)");
 }

@@ -72,3 +72,32 @@ def test_zero_keeping_levels_give_the_cpu_bytes(level):
     gpu = aqcore.compress(x.cuda(), level, seed=3)
     assert torch.equal(gpu.payload.cpu(), cpu.payload) and torch.equal(gpu.mask.cpu(), cpu.mask)
     assert torch.equal(aqcore.decompress(gpu).cpu(), aqcore.decompress(cpu))
+
+
+def test_zero_if_zeroes_every_tensor_only_when_the_flag_is_set():
+    from aqcore import kernels
+
+    torch.manual_seed(0)
+    tensors = [torch.randn(n, device="cuda") for n in range(1, 90)]  # past one launch's 40
+    tensors += [torch.randn(3, 1000, device="cuda").to(torch.bfloat16),
+                torch.randn(2001, device="cuda").half()[1:],  # starts 2 bytes off 16
+                torch.randn(8, 4, 3, 3, device="cuda").to(memory_format=torch.channels_last),
+                torch.full((4097,), float("nan"), device="cuda")]
+    copies = [t.clone() for t in tensors]
+    kernels.zero_if(torch.tensor(False, device="cuda"), tensors)
+    assert all(torch.equal(t, c) or (t.isnan().all() and c.isnan().all()) for t, c in zip(tensors, copies))
+    kernels.zero_if(torch.tensor(True, device="cuda"), tensors)
+    assert all(int(t.count_nonzero()) == 0 for t in tensors)
+    whole = torch.randn(2001, device="cuda").half()
+    kernels.zero_if(torch.tensor(True, device="cuda"), [whole[1:2000]])
+    assert whole[0] != 0 and whole[2000] != 0 and int(whole[1:2000].count_nonzero()) == 0  # neighbours kept
+
+
+def test_guard_zeroes_non_finite_and_non_dense_gradients():
+    model = nn.Linear(16, 16).cuda()
+    guard = GradientGuard(model.parameters())
+    model.weight.grad = torch.full((16, 32), float("nan"), device="cuda")[:, ::2]  # not dense
+    model.bias.grad = torch.full((16,), float("inf"), device="cuda")
+    guard.check()
+    assert int(model.weight.grad.count_nonzero()) == 0 and int(model.bias.grad.count_nonzero()) == 0
+    assert guard.alarm() or (torch.cuda.synchronize() or guard.alarm())

@@ -40,3 +40,8 @@ def test_pack_mask_through_the_api(dtype):
     aqcore.decompress(ct, out=out)
     assert torch.equal(out, mask)
     assert torch.equal(aqcore.decompress(ct.to("cpu")), mask.cpu())
+    last = mask.contiguous(memory_format=torch.channels_last)
+    ct = aqcore.pack_mask(last)
+    assert torch.equal(ct.payload.cpu(), aqcore.pack_mask(last.cpu()).payload)
+    back = aqcore.decompress(ct)
+    assert torch.equal(back, mask) and back.stride() == last.stride()
