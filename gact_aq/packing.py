@@ -19,9 +19,12 @@ and what we changed):
   backward needs it (derived.py);
 * bool tensors (dropout masks on CUDA) and, on CPU, two-valued {0, c} float tensors that do
   not require grad (CPU dropout saves its mask as floats) are packed at 1 bit, losslessly;
-* everything else is kept as it is: parameters, buffers and views or casts of them (autocast's
-  weight copies), leaves, tensors that do not require grad (SDPA's logsumexp, batch
-  statistics: their exactness matters), integers, tiny tensors.
+* a cast of a leaf (autocast's bf16 / fp16 copy of a weight) or a view of one is not held:
+  the graph keeps the leaf, which it holds anyway, and unpack casts it again, bit for bit
+  (leaf_cast, Recast); a leaf modified in place in between raises, as autograd does;
+* everything else is kept as it is: parameters, buffers and other views or casts of them,
+  leaves, tensors that do not require grad (SDPA's logsumexp, batch statistics: their
+  exactness matters), integers, tiny tensors.
 
 A tensor saved several times (same storage, offset, shape, strides, dtype, version) is
 compressed once: every save returns a reference to the same Unit. The graph owns the Units,
@@ -61,7 +64,7 @@ _VIEW_OR_CAST = frozenset({
 KEEP_RESULT = frozenset({"LogSoftmaxBackward0"})
 ZERO_RESULT = frozenset({"ReluBackward0", "ThresholdBackward0", "ThresholdBackward1"})
 
-FLOAT, ZEROS, MASK, SCALED_MASK = "float", "zeros", "mask", "scaled_mask"
+FLOAT, ZEROS, MASK, SCALED_MASK, RECAST = "float", "zeros", "mask", "scaled_mask", "recast"
 FLOAT_KINDS = (FLOAT, ZEROS)
 EXACT = aqcore.parse_level("32")
 
@@ -81,6 +84,24 @@ def derives_from_leaf(x: torch.Tensor, max_depth: int = 8) -> bool:
     return False
 
 
+def leaf_cast(x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The leaf that x is a dtype cast of (or a view of such a cast), when casting the leaf
+    again gives x's bytes exactly: the cast is untouched since (version 0), on the leaf's
+    device and in its layout. Autocast saves these: its low-precision weight copies, as they
+    are or transposed (F.linear saves weight.t())."""
+    cast = x if x._base is None else x._base
+    node = cast.grad_fn
+    if node is None or type(node).__name__ != "ToCopyBackward0" or cast._version != 0:
+        return None
+    source = node.next_functions[0][0]
+    if type(source).__name__ != "AccumulateGrad":
+        return None
+    leaf = source.variable
+    same_layout = (cast.shape == leaf.shape and cast.stride() == leaf.stride()
+                   and cast.storage_offset() == 0 and cast.device == leaf.device)
+    return leaf if same_layout and x.dtype == cast.dtype else None
+
+
 def _two_valued_scale(x: torch.Tensor) -> Optional[float]:
     """c if every value of x is 0 or c (a CPU dropout mask), else None. CPU only: on CUDA
     the scan would synchronize, and CUDA dropout saves bool masks anyway."""
@@ -96,8 +117,8 @@ def classify(x: torch.Tensor, min_numel: int,
              protected: "set[StorageWeakRef]") -> tuple[Optional[str], float]:
     """(FLOAT or ZEROS, 1.0) for an activation (compressed if it has min_numel values),
     (MASK or SCALED_MASK, the mask's nonzero value) for a mask of min_numel values,
-    (None, 1.0) for what is kept as it is. protected: the storages of the model's
-    parameters and buffers."""
+    (RECAST, 1.0) for a cast of a leaf (leaf_cast), (None, 1.0) for what is kept as it is.
+    protected: the storages of the model's parameters and buffers."""
     keep = (None, 1.0)
     if x.layout != torch.strided or x.numel() == 0:
         return keep
@@ -110,6 +131,8 @@ def classify(x: torch.Tensor, min_numel: int,
     if not x.requires_grad:
         scale = _two_valued_scale(x) if x.numel() >= min_numel else None
         return keep if scale is None else (SCALED_MASK, scale)
+    if leaf_cast(x) is not None:
+        return RECAST, 1.0
     if x.dim() < 2 or derives_from_leaf(x):
         return keep
     producer = type(x.grad_fn).__name__
@@ -147,6 +170,32 @@ class Unit:
         if self.memory_format is not None:
             return x.contiguous(memory_format=self.memory_format)
         return x
+
+
+class Recast:
+    """What the graph holds for a cast of a leaf: the leaf, its version, and where x lay in
+    the cast. Restoring casts the leaf again (the cast is deterministic: the same bytes), so
+    the copy, half a weight's size for every weight under autocast, is not held. Several
+    saves of one cast (autocast caches a weight's cast for its region) all hold nothing."""
+
+    nbytes = 0
+
+    def __init__(self, leaf: torch.Tensor, x: torch.Tensor) -> None:
+        self.leaf, self.version, self.dtype = leaf, leaf._version, x.dtype
+        self.view = (x.shape, x.stride(), x.storage_offset())
+
+    def restore(self) -> torch.Tensor:
+        leaf = self.leaf
+        if leaf._version != self.version:
+            raise RuntimeError(
+                f"one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: [{leaf.type()} {list(leaf.shape)}] is at version "
+                f"{leaf._version}; expected version {self.version} instead. gact_aq holds no "
+                f"{self.dtype} copy of this leaf (autocast's cast of a weight) but casts it "
+                f"again in backward: modify parameters only after backward")
+        cast = torch.empty_strided(leaf.shape, leaf.stride(), dtype=self.dtype, device=leaf.device)
+        cast.copy_(leaf.detach())
+        return cast.as_strided(*self.view)
 
 
 class Recomputed:
@@ -225,6 +274,10 @@ class Packer:
             self._attention_seen = True
             return Recomputed()
         kind, scale = classify(x, self.min_numel, self.protected) if self.active else (None, 1.0)
+        if kind == RECAST:
+            if self.tracer is not None:
+                self.tracer.on_pack(x, None, False)
+            return Recast(leaf_cast(x), x)
         unit, new = None, False
         if kind is not None:
             key = _dedup_key(x)
@@ -275,6 +328,8 @@ class Packer:
             return packed
         if isinstance(packed, Derived):
             return packed.value()
+        if isinstance(packed, Recast):
+            return packed.restore()
         if isinstance(packed, Recomputed):
             raise RuntimeError("gact_aq: a fused attention output was unpacked outside its "
                                "own backward node")

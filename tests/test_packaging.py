@@ -92,6 +92,7 @@ def test_setup_cfg_declares_the_packages_and_dependencies():
     assert runtime == {"torch", "numpy", "scipy", "ninja", "tqdm"}
     assert requirement_names(cfg["options.extras_require"]["test"].splitlines()) >= {
         "pytest", "hypothesis"}
-    # transformers: BERT in benchmark/train_step.py; matplotlib: PNG plots of benchmark results
+    # transformers: BERT in benchmark/train_step.py; accelerate: transformers' Trainer
+    # (gact_aq.integrations); matplotlib: PNG plots of benchmark results
     assert requirement_names(cfg["options.extras_require"]["bench"].splitlines()) == {
-        "matplotlib", "transformers"}
+        "matplotlib", "transformers", "accelerate"}
