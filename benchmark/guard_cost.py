@@ -7,7 +7,7 @@ of GradientGuard.check() over the same model's gradients, synchronized (its devi
 launches) and not (the host's launch time alone: what a step that keeps the device busy
 pays). The end-to-end figure, compressed steps with and without the guard, is train_step.py's
 `--modes actnn_aq actnn_aq-noguard gact_aq gact_aq-noguard`. Results go to
-benchmark/results/guard_cost_<gpu>.json with the command, GPU, torch and date.
+benchmark/results/guard_cost_<models>_<gpu>.json with the command, GPU, torch and date.
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def main() -> None:
               f"host launches {record['check_host_ms']:.3f} ms) over {record['parameters']} parameters",
               flush=True)
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"guard_cost_{re.sub(r'[^a-z0-9]+', '_', gpu.lower())}.json"
+    out = RESULTS / f"guard_cost_{'_'.join(args.model)}_{re.sub(r'[^a-z0-9]+', '_', gpu.lower())}.json"
     out.write_text(json.dumps(report, indent=1))
 
 
