@@ -11,11 +11,14 @@ namespace aq {
 constexpr int kZeroThreads = 256;
 constexpr int kZeroBlocks = 64;  // per tensor; grid-stride loops cover the rest
 
+// Block b zeroes part of tensor b / kZeroBlocks (a one-dimensional grid of kZeroBlocks
+// blocks per tensor).
 __global__ void __launch_bounds__(kZeroThreads) zero_if_kernel(const ZeroParams p) {
   if (*p.flag == 0) return;
-  uint8_t* data = p.data[blockIdx.y];
-  const int64_t n = p.bytes[blockIdx.y];
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * kZeroThreads + threadIdx.x;
+  const int tensor = static_cast<int>(blockIdx.x / kZeroBlocks);
+  uint8_t* data = p.data[tensor];
+  const int64_t n = p.bytes[tensor];
+  const int64_t first = static_cast<int64_t>(blockIdx.x % kZeroBlocks) * kZeroThreads + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(kZeroBlocks) * kZeroThreads;
   const int64_t wide = (reinterpret_cast<uintptr_t>(data) & 15) == 0 ? n / 16 : 0;
   for (int64_t i = first; i < wide; i += stride) {

@@ -38,7 +38,8 @@ void launch_unpack_bits(const BitsParams& b) {
 }
 
 void launch_zero_if(const ZeroParams& p) {
-  if (p.count > 0) AQ_LAUNCH(dim3(kZeroBlocks, p.count), kZeroThreads, 0, p, zero_if_kernel);
+  const int64_t blocks = static_cast<int64_t>(kZeroBlocks) * p.count;
+  if (blocks > 0) AQ_LAUNCH(blocks, kZeroThreads, 0, p, zero_if_kernel);
 }
 
 }  // namespace aq

@@ -137,6 +137,16 @@ def main() -> int:
         if not (torch.equal(packed, reference.pack_bits(mask))
                 and torch.equal(kernels.unpack_bits(packed, n), mask)):
             failures.append(f"mask n={n}")
+    whole = torch.randn(70000)  # aligned and 2-byte-offset tensors, past one launch's 40
+    tensors = [whole[:16], whole[16:20000].view(torch.bfloat16)[1:], torch.randn(3)]
+    tensors += [torch.randn(n) for n in range(1, 40)]
+    before = [t.clone() for t in tensors]
+    kernels.zero_if(torch.tensor(False), tensors)
+    if not all(torch.equal(t.view(torch.uint8), b.view(torch.uint8)) for t, b in zip(tensors, before)):
+        failures.append("zero_if changed tensors with the flag clear")
+    kernels.zero_if(torch.tensor(True), tensors)
+    if any(int(t.count_nonzero()) for t in tensors) or int(whole[20000:].count_nonzero()) == 0:
+        failures.append("zero_if with the flag set")
     print("\n".join(failures) or "all kernel paths match the reference")
     return 1 if failures else 0
 

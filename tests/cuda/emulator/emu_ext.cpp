@@ -71,6 +71,20 @@ at::Tensor noise_paths(int64_t seed, int64_t first, int64_t n, bool big, int64_t
   return out;
 }
 
+void zero_if(const at::Tensor& flag, const std::vector<at::Tensor>& tensors) {
+  aq::ZeroParams p{};
+  p.flag = reinterpret_cast<const uint8_t*>(flag.data_ptr<bool>());
+  for (const at::Tensor& t : tensors) {
+    p.data[p.count] = static_cast<uint8_t*>(t.data_ptr());
+    p.bytes[p.count] = t.numel() * t.element_size();
+    if (++p.count == aq::kZeroTensors) {
+      aq::launch_zero_if(p);
+      p.count = 0;
+    }
+  }
+  aq::launch_zero_if(p);
+}
+
 void set_resident_blocks(int blocks) { aq::emu_resident = blocks; }
 
 }  // namespace
@@ -81,5 +95,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack_bits", &pack_bits);
   m.def("unpack_bits", &unpack_bits);
   m.def("noise_paths", &noise_paths);
+  m.def("zero_if", &zero_if);
   m.def("set_resident_blocks", &set_resident_blocks);
 }
