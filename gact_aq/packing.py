@@ -299,7 +299,7 @@ class Packer:
         if self.tracer is not None:
             self.tracer.on_pack(x, unit, new)
         if unit is None:
-            return x
+            return x.detach()  # x itself: an output saved by its own node would hold that node
         return unit if x.shape == unit.shape else (unit, x.shape)
 
     def unpack(self, packed):
@@ -356,7 +356,7 @@ class Packer:
             if self.compress and (x.numel() >= self.min_numel or self.plan.measures):
                 level = self.plan.level(tid, x, kind == ZEROS)
                 level = aqcore.zero_safe(level) if kind == ZEROS else level
-            source, memory_format = (channel_major(x), _layout(x)) if level.is_aq else (x, None)
+            source, memory_format = (channel_major(x), _layout(x)) if level.is_aq else (x.detach(), None)
             ct = aqcore.compress(source, level, seed=self.plan.seed(tid), group_size=self.group_size)
             self.seen.append(x.shape)
             self.kinds.append(kind)

@@ -163,6 +163,24 @@ def test_a_tensor_saved_by_several_ops_is_compressed_once_and_freed_after_backwa
     assert not live(Unit) and not live(aqcore.CompressedTensor)
 
 
+@pytest.mark.parametrize("level", ["L1", "L1.2", "swap"])
+@pytest.mark.parametrize("act", [nn.Tanh, nn.ReLU, nn.Sigmoid])
+def test_a_forward_without_backward_leaves_nothing_alive(level, act):
+    """Tanh, ReLU and Sigmoid save their own output; held as it is (a tiny tensor, level 32,
+    swap) it pointed back at the node holding it, a cycle the garbage collector cannot see
+    through autograd's nodes, so an evaluation forward with grad on leaked its graph."""
+    import weakref
+
+    model = nn.Sequential(nn.Linear(16, 16), act())
+    gact_aq.set_optimization_level(level)
+    with Controller(model):
+        out = model(torch.randn(4, 16, requires_grad=True))
+    alive = weakref.ref(out)
+    del out
+    gc.collect()
+    assert alive() is None and not live(Unit)
+
+
 def test_what_is_kept_as_is():
     """Parameters, views of them, leaves, integer, tiny and 1-D tensors are not compressed;
     SDPA's logsumexp (no grad) stays exact and its output is not held at all (recomputed
@@ -471,5 +489,6 @@ def test_repeated_alarms_lift_relu_outputs_through_plain_levels_up_to_exact():
                 ctl.iterate(backprop_fn(model, x, y))
             floors.append(ctl.floor)
         assert floors[-1] == 32 and all(a < b for a, b in zip(floors, floors[1:]))
-        nn.functional.cross_entropy(model(x), y)
+        loss = nn.functional.cross_entropy(model(x), y)  # its graph holds the units
         assert {r.level for r in ctl.report().rows} == {"32"}
+        loss.backward()
