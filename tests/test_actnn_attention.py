@@ -14,12 +14,6 @@ from actnn_aq.ops.attention import routed
 from actnn_aq.saved import EXACT
 
 
-@pytest.fixture(autouse=True)
-def default_level():
-    yield
-    actnn_aq.set_optimization_level("L3")
-
-
 class Attention(nn.Module):
     def __init__(self, width=64, heads=4, dropout=0.0, causal=True):
         super().__init__()

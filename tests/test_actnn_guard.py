@@ -8,12 +8,6 @@ from torch import nn
 import actnn_aq
 
 
-@pytest.fixture(autouse=True)
-def default_level():
-    yield
-    actnn_aq.set_optimization_level("L3")
-
-
 def model_and_data():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),

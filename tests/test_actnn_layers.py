@@ -15,13 +15,6 @@ from actnn_aq.qmodule import CONVERSIONS
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same.:UserWarning")
 
 
-@pytest.fixture(autouse=True)
-def default_level():
-    actnn_aq.set_optimization_level("L3")
-    yield
-    actnn_aq.set_optimization_level("L3")
-
-
 # (torch.nn layer factory, input shape): every conversion and the awkward arguments.
 CASES = {
     "conv1d": (lambda: nn.Conv1d(4, 6, 3, stride=2, padding=1), (5, 4, 17)),

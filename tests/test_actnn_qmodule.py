@@ -15,13 +15,6 @@ import aqcore
 from actnn_aq import saved
 
 
-@pytest.fixture(autouse=True)
-def default_level():
-    actnn_aq.set_optimization_level("L3")
-    yield
-    actnn_aq.set_optimization_level("L3")
-
-
 class BasicBlock(nn.Module):
     def __init__(self, cin, cout, stride):
         super().__init__()

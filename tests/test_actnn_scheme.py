@@ -17,13 +17,6 @@ from actnn_aq import saved
 from actnn_aq.saved import seed_for
 
 
-@pytest.fixture(autouse=True)
-def default_level():
-    actnn_aq.set_optimization_level("L3")
-    yield
-    actnn_aq.set_optimization_level("L3")
-
-
 def small_cnn(classes=4):
     return nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),

@@ -14,12 +14,6 @@ from actnn_aq.saved import Plan
 from actnn_aq.sensitivity import batch_norm_noise
 
 
-@pytest.fixture(autouse=True)
-def default_level():
-    yield
-    actnn_aq.set_optimization_level("L3")
-
-
 def _observations(model, x, y):
     """Each layer's observation of one backward (all at 8 bits, so nearly exact)."""
     actnn_aq.set_optimization_level("L3", bit=8)

@@ -7,13 +7,6 @@ import actnn_aq
 from actnn_aq.settings import LEVELS
 
 
-@pytest.fixture(autouse=True)
-def default_level():
-    actnn_aq.set_optimization_level("L3")
-    yield
-    actnn_aq.set_optimization_level("L3")
-
-
 def test_every_original_and_release_level_is_accepted():
     for name in ["L0", "L1", "L2", "L3", "L3.1", "L4", "L5", "swap", "L3_", "L3-aq1.0-1.5b", "L3-aq1.0-1.25b"]:
         assert actnn_aq.set_optimization_level(name).level == name

@@ -21,12 +21,6 @@ from common import resnet  # noqa: E402
 STEPS, BATCH, SIZE = 300, 64, 16
 
 
-@pytest.fixture(autouse=True)
-def default_level():
-    yield
-    actnn_aq.set_optimization_level("L3")
-
-
 def templates(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     means = F.interpolate(torch.randn(10, 3, SIZE // 4, SIZE // 4, generator=gen), size=SIZE, mode="bilinear")

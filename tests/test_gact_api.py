@@ -17,13 +17,6 @@ GACT_LEVELS = ["L0", "L1", "L1.1", "L1.2", "L2", "L2.1", "L2.2", "L3", "swap", "
 AQ_RELEASE_LEVELS = ["L2.2_", "L2.2_GN", "L2.2_GN_AQ0.5", "L2.2_GN_AQ0.5_1.5b", "L2.2_GN_AQ0.5_1.0b"]
 
 
-@pytest.fixture(autouse=True)
-def default_config():
-    gact_aq.set_optimization_level("L2")
-    yield
-    gact_aq.set_optimization_level("L2")
-
-
 def live(kind):
     return [o for o in gc.get_objects() if type(o) is kind]
 

@@ -16,13 +16,6 @@ from gact_aq.packing import Recast
 DTYPES = [torch.bfloat16, torch.float16]
 
 
-@pytest.fixture(autouse=True)
-def default_config():
-    gact_aq.set_optimization_level("L2")
-    yield
-    gact_aq.set_optimization_level("L2")
-
-
 class Attention(nn.Module):
     """A small HF-style self-attention block: q, k, v and output projections, explicit
     softmax(q k^T / sqrt(d)) v (matmuls of activations), residual and LayerNorm."""

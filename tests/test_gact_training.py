@@ -9,12 +9,6 @@ from test_gact_models import (SmallCNN, backprop_fn, cnn_problem, digits, encode
                               grads)
 
 
-@pytest.fixture(autouse=True)
-def default_config():
-    yield
-    gact_aq.set_optimization_level("L2")
-
-
 def flat(tensors):
     return torch.cat([t.flatten() for t in tensors])
 
