@@ -9,7 +9,6 @@ from torch import nn
 import actnn_aq
 from capture import Capture
 import aqcore
-from actnn_aq import saved
 from actnn_aq.qmodule import CONVERSIONS
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same.:UserWarning")

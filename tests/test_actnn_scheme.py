@@ -13,7 +13,6 @@ import actnn_aq
 from aqcore.format import row_budget
 from capture import Capture
 import aqcore
-from actnn_aq import saved
 from actnn_aq.saved import seed_for
 
 
