@@ -54,6 +54,8 @@ from .saved import Allocation, Plan, seed_for
 from .sensitivity import InputNoise, deviation
 from .settings import QuantizationConfig
 
+# what a LayerScheme learns (Controller.state_dict)
+LAYER_STATE = ("calls", "share", "grad_scale", "sample_grad", "level_factor", "source_grad_sq")
 REALLOCATE_EVERY = 10  # backward passes per re-allocation: each costs a few ops per layer
 MEASURE_EVERY = 5  # re-allocations per measurement of batch norms' deviation (one weight
 #                    gradient of the source per AQ level and batch norm)
@@ -468,6 +470,32 @@ class Controller:
         factor = obs.level_factor(weighted)
         obs.scheme.level_factor = factor
         return weighted * factor
+
+    def state_dict(self) -> dict:
+        """What the controller has learnt, for a checkpoint: per layer its share of the bits,
+        gradient statistics, level factors, batch-norm measurements and call count (the
+        rounding seeds); the iteration (the re-allocation schedule), the guard's floor,
+        statistics and events."""
+        self._receive(wait=True)
+        return {"iteration": self.iteration, "floor": self.floor,
+                "guard": None if self.guard is None else self.guard.state_dict(),
+                "guard_events": list(self.guard_events),
+                "layers": [{"name": s.name, **{key: getattr(s, key) for key in LAYER_STATE}}
+                           for s in self.layers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        names = [s.name for s in self.layers]
+        if names != [layer["name"] for layer in state["layers"]]:
+            raise ValueError(f"the state is of another model: its layers are "
+                             f"{[layer['name'] for layer in state['layers']]}, this model's {names}")
+        self.iteration, self.floor = int(state["iteration"]), float(state["floor"])
+        if self.guard is not None and state["guard"] is not None:
+            self.guard.load_state_dict(state["guard"])
+        self.guard_events[:] = state["guard_events"]
+        self._shares = None
+        for scheme, layer in zip(self.layers, state["layers"]):
+            for key in LAYER_STATE:
+                setattr(scheme, key, layer[key])
 
     def state(self) -> dict[str, LayerBits | None]:
         """Each layer's share from the last re-allocation, by layer name: the bits per value

@@ -85,6 +85,18 @@ class GradientGuard:
         fired, self._seen = count > self._seen, count
         return fired
 
+    def state_dict(self) -> dict:
+        """The running statistics (recent peak norm, good steps, alarms): a resumed run that
+        lost them would start its warm-up of unchecked jumps again."""
+        statistics = None if self._state is None else self._state.tolist()  # JSON-ready
+        return {"steps": self.steps, "state": statistics, "seen": self._seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self._seen = int(state["steps"]), int(state["seen"])
+        device = self.parameters[0].device if self.parameters else "cpu"
+        self._state = None if state["state"] is None else torch.tensor(state["state"], device=device)
+        self._host = None  # the alarm count is published again by the next check
+
     def peak_norm(self) -> float:
         """The recent peak gradient norm (reads the device: for reports, not the loop)."""
         return math.exp(self._state[0].item()) if self._state is not None else math.nan

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import median_ms, now  # noqa: E402
+from common import now  # noqa: E402
 from train_step import MODES, Setup  # noqa: E402
 
 
@@ -39,12 +39,8 @@ def main() -> None:
     run = Setup(args.mode, args, device)
     try:
         run.warm_up(args.warmup, device)
-        times = []
-        for _ in range(5):
-            start = now(device)
-            run.step()
-            times.append(now(device) - start)
-        print(f"{args.model} b{args.batch} {args.mode} {args.bit:g} bit: step {median_ms(times):.1f} ms")
+        print(f"{args.model} b{args.batch} {args.mode} {args.bit:g} bit: step "
+              f"{run.median_step_ms(5, device):.1f} ms")
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
             run.step()

@@ -133,6 +133,15 @@ class Setup:
                 adapt_s += now(device) - start if i == 0 else 0.0
         return adapt_s
 
+    def median_step_ms(self, steps: int, device: torch.device) -> float:
+        """The median of `steps` synchronized training steps, in ms."""
+        times = []
+        for _ in range(steps):
+            start = now(device)
+            self.step()
+            times.append(now(device) - start)
+        return median_ms(times)
+
     def close(self) -> None:
         if self.controller is not None:
             self.controller.uninstall_hook()
@@ -143,11 +152,7 @@ def measure(mode: str, args, device: torch.device) -> dict:
     model, x, y, loss_fn, autocast = run.model, run.x, run.y, run.loss_fn, run.autocast
     try:
         adapt_s = run.warm_up(args.warmup, device)
-        times = []
-        for _ in range(args.steps):
-            start = now(device)
-            run.step()
-            times.append(now(device) - start)
+        step_ms = run.median_step_ms(args.steps, device)
         run.optimizer.zero_grad(set_to_none=False)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -158,7 +163,7 @@ def measure(mode: str, args, device: torch.device) -> dict:
         peak = torch.cuda.max_memory_allocated(device) - base if device.type == "cuda" else None
     finally:
         run.close()
-    return {"mode": mode, "step_ms": median_ms(times), "activation_mib": held / 2**20,
+    return {"mode": mode, "step_ms": step_ms, "activation_mib": held / 2**20,
             "peak_mib": None if peak is None else peak / 2**20, "adapt_s": adapt_s}
 
 

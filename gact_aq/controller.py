@@ -255,6 +255,8 @@ class Controller:
             "shapes": [list(shape) for shape in self.shapes],
             "sensitivity": self.sensitivity.tolist(),
             "floor": self.floor,
+            "guard": None if self.guard is None else self.guard.state_dict(),
+            "guard_events": list(self.guard_events),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -267,6 +269,9 @@ class Controller:
         self.shapes = [tuple(int(n) for n in shape) for shape in state["shapes"]]
         self.sensitivity = np.asarray(state["sensitivity"], dtype=np.float64)
         self.floor = float(state.get("floor", 0.0))
+        if self.guard is not None and state.get("guard") is not None:
+            self.guard.load_state_dict(state["guard"])
+        self.guard_events[:] = state.get("guard_events", [])
         self.packer.new_pass()
         self.packer.plan = self._training_plan()
 

@@ -311,3 +311,25 @@ def test_per_layer_off_keeps_every_layer_at_the_target(monkeypatch):
     assert all(bits is None for bits in model.controller.state().values())
     for _, ct in capture.items:  # each layer holds the target's bytes, no more
         assert ct.payload.numel() <= -(-ct.rows * row_budget(ct.levels, ct.row_numel, 256, 1.5) // 16) * 16
+
+
+def test_controller_state_dict_resumes_training_identically():
+    """A checkpoint of the controller (shares, statistics, level factors, call counts, guard)
+    makes a resumed model take the same next step as the uninterrupted one."""
+    torch.manual_seed(0)
+    actnn_aq.set_optimization_level("L3", bit=1.25, aq_bit=0.5)
+    x, y = torch.randn(8, 32), torch.randint(0, 4, (8,))
+    model = actnn_aq.QModule(mlp())
+    for _ in range(12):  # past a re-allocation
+        train_step(model, x, y)
+    state = copy.deepcopy(model.controller.state_dict())
+    twin = actnn_aq.QModule(copy.deepcopy(model.model))
+    twin.controller.load_state_dict(state)
+    assert model.controller.state() == twin.controller.state()
+    for m in (model, twin):
+        m.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(model.parameters(), twin.parameters()))
+    other = actnn_aq.QModule(nn.Sequential(nn.Linear(32, 4)))
+    with pytest.raises(ValueError, match="another model"):
+        other.controller.load_state_dict(state)

@@ -90,3 +90,16 @@ def test_parameters_without_gradients_are_skipped():
     guard = GradientGuard(model.parameters())
     guard.check()  # no .grad yet
     assert not guard.alarm() and guard.steps == 0
+
+
+def test_state_dict_carries_the_peak_and_the_warm_up_over():
+    params = [torch.nn.Parameter(torch.zeros(4))]
+    guard = GradientGuard(params)
+    for _ in range(WARMUP + 1):
+        params[0].grad = torch.ones(4)
+        guard.check()
+    resumed = GradientGuard(params)
+    resumed.load_state_dict(guard.state_dict())
+    params[0].grad = torch.full((4,), 100.0)  # 100x the peak: a jump once warmed up
+    resumed.check()
+    assert resumed.alarm() and int(params[0].grad.count_nonzero()) == 0
