@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("transformers")  # BERT from a config (the bench extra)
+
 FOLDER = Path(__file__).resolve().parents[1] / "benchmark" / "text_classification"
 
 
