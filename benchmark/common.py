@@ -99,3 +99,13 @@ def now(device: torch.device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
+
+
+def median_run_ms(fn: Callable[[], object], runs: int, device: torch.device) -> float:
+    """The median of `runs` synchronized calls of fn, in ms."""
+    times = []
+    for _ in range(runs):
+        start = now(device)
+        fn()
+        times.append(now(device) - start)
+    return median_ms(times)

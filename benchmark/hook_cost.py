@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import gact_aq  # noqa: E402
-from common import median_ms, now  # noqa: E402
+from common import median_run_ms  # noqa: E402
 from gact_aq.controller import Controller  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -88,16 +88,8 @@ def main() -> None:
         backprop()
         optimizer.step()
 
-    def median_step() -> float:
-        times = []
-        for _ in range(args.steps):
-            start = now(device)
-            step()
-            times.append(now(device) - start)
-        return median_ms(times)
-
     step()
-    exact_ms = median_step()
+    exact_ms = median_run_ms(step, args.steps, device)
     gact_aq.set_optimization_level("L2.2", bit=args.bit, aq_bit=args.aq_bit)
     controller = Controller(model)
     with controller:
@@ -107,7 +99,7 @@ def main() -> None:
     pack, unpack = Timed(controller.packer.pack), Timed(controller.packer.unpack)
     controller.packer.pack, controller.packer.unpack = pack, unpack
     with controller:
-        hooked_ms = median_step()
+        hooked_ms = median_run_ms(step, args.steps, device)
     steps = args.steps
     record = {"packs_per_step": pack.calls / steps, "unpacks_per_step": unpack.calls / steps,
               "pack_us": 1e6 * pack.seconds / max(pack.calls, 1),

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import actnn_aq  # noqa: E402
 import gact_aq  # noqa: E402
-from common import allocated_during, median_ms, now, resnet  # noqa: E402
+from common import allocated_during, median_run_ms, now, resnet  # noqa: E402
 from gact_aq.controller import Controller  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -135,12 +135,7 @@ class Setup:
 
     def median_step_ms(self, steps: int, device: torch.device) -> float:
         """The median of `steps` synchronized training steps, in ms."""
-        times = []
-        for _ in range(steps):
-            start = now(device)
-            self.step()
-            times.append(now(device) - start)
-        return median_ms(times)
+        return median_run_ms(self.step, steps, device)
 
     def close(self) -> None:
         if self.controller is not None:
